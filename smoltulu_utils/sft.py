@@ -19,6 +19,9 @@ What is written by hand, because neither TRL nor transformers offers it:
   truncation) are skipped and reported with their index and reason instead of stopping the run.
 - **The loss reduction** (:class:`TuluSFTTrainer`). TRL averages the token losses over the effective
   batch; Tulu 3 sums them.
+- **The loss on a CPU** (:meth:`TuluSFTTrainer._logits_loss`): TRL's chunked LM-head loss saves GPU
+  memory but is several times slower than the plain LM head and one cross-entropy on a CPU, so the kit
+  uses the latter there (same loss and gradient).
 - The run's bookkeeping: the per-token loss history, trained-token count, manifest and parent checks.
 
 Loss reduction
@@ -57,7 +60,9 @@ A recipe with ``packing: true`` trains *padding-free*: each per-device batch of 
 end to end in one row with ``position_ids`` restarting at 0 for each example (TRL's
 ``padding_free``), and transformers (``masking_utils.find_packed_sequence_indices``) turns those
 positions into a block-diagonal causal mask for sdpa and eager attention, so examples never attend to
-each other. TRL's bin packing (``packing=True``) is not used: it would change how many examples make
+each other. That mask still makes sdpa score every pair of positions in the row, so while it trains an
+sdpa model runs :mod:`~smoltulu_utils.packed_attention` instead, one causal sdpa per example (same
+result, a fraction of the work). TRL's bin packing (``packing=True``) is not used: it would change how many examples make
 one optimizer step, and so the effective batch the LR/BS ratio is about. The kit checks on CPU that the
 padding-free loss equals the padded loss (``tests/test_sft.py``); an attention implementation it has
 not checked falls back to padded batches, with a note.
@@ -80,6 +85,7 @@ from trl import SFTTrainer
 from .chat_template import ChatTemplateError, assistant_token_mask, doctor
 from .errors import KitError
 from .manifest import MANIFEST_NAME, check_parent, write_manifest
+from .packed_attention import restore_attention, use_packed_attention
 from .recipes import SFTRecipe
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -96,7 +102,7 @@ ROLES = ("system", "user", "assistant")
 #: Attention implementations that keep the examples of a padding-free row apart: sdpa and eager through
 #: transformers' block-diagonal mask (checked against padded batches in the kit's tests), FlashAttention
 #: through the sequence boundaries (cu_seq_lens) TRL's collator passes, TRL's own padding-free path.
-PADDING_FREE_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+PADDING_FREE_ATTENTION = ("sdpa", "sdpa_packed", "eager", "flash_attention_2", "flash_attention_3")
 #: No gradient clipping (Tulu 3: open-instruct's clip_grad_norm default is -1, off; see the module docstring).
 MAX_GRAD_NORM = 0.0
 #: How many skipped rows a log message or a manifest lists by index (the count is always complete).
@@ -284,10 +290,13 @@ class TuluSFTTrainer(SFTTrainer):
     tokens rather than batches.
     """
 
-    def __init__(self, *args: Any, loss_reduction: str = "mean", **kwargs: Any):
+    def __init__(
+        self, *args: Any, loss_reduction: str = "mean", fused_lm_head: bool | None = None, **kwargs: Any
+    ):
         if loss_reduction not in ("sum", "mean"):
             raise SFTError(f"loss_reduction must be 'sum' or 'mean', got {loss_reduction!r}")
         self.loss_reduction = loss_reduction
+        self.fused_lm_head = torch.cuda.is_available() if fused_lm_head is None else bool(fused_lm_head)
         self.trained_tokens = 0
         self._tokens_since_log: list[float] = []
         self._eval_totals = [0.0, 0.0]
@@ -312,9 +321,12 @@ class TuluSFTTrainer(SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.get("labels")
         local = (labels[..., 1:] != IGNORE_INDEX).sum() if labels is not None else None
-        result = super().compute_loss(
-            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-        )
+        if self.fused_lm_head or labels is None:
+            result = super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        else:
+            result = self._logits_loss(model, inputs, local, return_outputs, num_items_in_batch)
         loss, outputs = result if return_outputs else (result, None)
         if not self.model.training:  # evaluation: TRL's per-batch mean; keep token-weighted totals
             if local is not None:
@@ -329,6 +341,39 @@ class TuluSFTTrainer(SFTTrainer):
                 loss = loss * local * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 
+    def _logits_loss(self, model, inputs, local, return_outputs, num_items_in_batch):
+        """TRL's mean token loss from the full logits: the plain LM head and one cross-entropy.
+
+        TRL computes the loss with a chunked, fused LM head that never holds all the logits: the right
+        trade on a GPU, where the logits of a long batch take gigabytes, but several times slower than
+        one matmul and one cross-entropy on a CPU. Same value and gradient (``tests/test_sft.py``), same
+        ``num_tokens`` and ``mean_token_accuracy`` logs; TRL's entropy metric is not computed here.
+        """
+        mode = "train" if model.training else "eval"
+        labels = inputs["labels"]
+        outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False)
+        logits, targets = outputs.logits[:, :-1], labels[:, 1:]
+        nll = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        count = local if num_items_in_batch is None else num_items_in_batch
+        loss = nll / torch.as_tensor(count).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # DDP averages the gradients over processes
+        with torch.no_grad():
+            trained = targets != IGNORE_INDEX
+            correct = (logits.argmax(-1) == targets) & trained
+            n_valid = self.accelerator.gather_for_metrics(trained.sum()).sum()
+            n_correct = self.accelerator.gather_for_metrics(correct.sum()).sum()
+            accuracy = (n_correct / n_valid).item() if n_valid > 0 else 0.0
+            self._metrics[mode]["mean_token_accuracy"].append(accuracy)
+            if mode == "train":
+                mask = inputs.get("attention_mask")
+                seen = mask.sum() if mask is not None else torch.tensor(labels.numel(), device=labels.device)
+                self._total_train_tokens += int(self.accelerator.gather_for_metrics(seen).sum())
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        return (loss, outputs) if return_outputs else loss
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._tokens_since_log:
             per_step = sum(self._tokens_since_log) / len(self._tokens_since_log)
@@ -338,6 +383,16 @@ class TuluSFTTrainer(SFTTrainer):
             logs["trained_tokens"] = self.trained_tokens
             self._tokens_since_log = []
         super().log(logs, start_time)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save with the attention implementation the model came with, so the checkpoint loads anywhere."""
+        before = getattr(self, "attention_before", None)
+        restore_attention(self.accelerator.unwrap_model(self.model), before)
+        try:
+            super().save_model(output_dir, _internal_call)
+        finally:
+            if before is not None:
+                use_packed_attention(self.accelerator.unwrap_model(self.model))
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         self._eval_totals = [0.0, 0.0]
@@ -434,12 +489,15 @@ def build_trainer(
     callbacks: list | None = None,
     peft_config: Any = None,
     max_grad_norm: float = MAX_GRAD_NORM,
+    fused_lm_head: bool | None = None,
     **config_overrides: Any,
 ) -> TuluSFTTrainer:
     """A :class:`TuluSFTTrainer` for a plan and datasets made by :func:`prepare_sft_rows`.
 
     ``padding_free`` defaults to the recipe's ``packing`` where the model's attention supports it;
-    ``loss_reduction`` to the recipe's. Useful to look at batches as the trainer builds them
+    ``loss_reduction`` to the recipe's. Padding-free training on an sdpa model switches it to
+    :mod:`~smoltulu_utils.packed_attention` (saved checkpoints keep sdpa). ``fused_lm_head`` (default: on a
+    GPU only) chooses TRL's chunked LM-head loss over the full logits. Useful to look at batches as the trainer builds them
     (``next(iter(trainer.get_train_dataloader()))``) before a run.
     """
     recipe = plan.recipe
@@ -448,7 +506,8 @@ def build_trainer(
     config = sft_config(
         plan, output_dir, padding_free=padding_free, max_grad_norm=max_grad_norm, **config_overrides
     )
-    return TuluSFTTrainer(
+    attention_before = use_packed_attention(model) if padding_free else None
+    trainer = TuluSFTTrainer(
         model=model,
         args=config,
         train_dataset=train_dataset,
@@ -457,7 +516,10 @@ def build_trainer(
         callbacks=callbacks,
         peft_config=peft_config,
         loss_reduction=loss_reduction or getattr(recipe, "loss_reduction", "mean"),
+        fused_lm_head=fused_lm_head,
     )
+    trainer.attention_before = attention_before
+    return trainer
 
 
 # ======================================================================================================
@@ -671,6 +733,8 @@ def train_sft(
         metrics = trainer.evaluate()
         eval_loss = metrics.get("eval_loss_per_token", metrics.get("eval_loss"))
 
+    restore_attention(model, trainer.attention_before)  # the trained model leaves as it came
+    trainer.attention_before = None
     history = trainer.state.log_history
     train_loss = _history(history, "loss_per_token")
     final = train_loss[-1][1] if train_loss else None

@@ -19,6 +19,7 @@ from smoltulu_utils.manifest import ManifestError, read_manifest, write_manifest
 from smoltulu_utils.memory import MemoryPlanError
 from smoltulu_utils.models import load_tokenizer
 from smoltulu_utils.models import tiny_model as make_tiny
+from smoltulu_utils.packed_attention import restore_attention
 from smoltulu_utils.paths import FIXTURES_DIR
 from smoltulu_utils.profiles import get_profile, resolve
 from smoltulu_utils.recipes import load_recipe
@@ -200,6 +201,37 @@ def test_sum_gradient_is_mean_gradient_times_trained_tokens(bundled_tokenizer, t
     torch.testing.assert_close(grads["sum"], reference, rtol=1e-3, atol=1e-5 * scale)
 
 
+@pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "padding_free"])
+def test_full_logits_loss_equals_trl_fused_loss(bundled_tokenizer, tmp_path, padding_free):
+    """The CPU loss path (plain LM head + one cross-entropy) = TRL's chunked LM-head loss, value and gradient."""
+    model, tok = make_tiny(seed=3, tokenizer=bundled_tokenizer)
+    dataset, _ = prepare_sft_rows(fixture_rows(4), tok, max_length=256)
+    losses, grads, accuracy = {}, {}, {}
+    for fused in (True, False):
+        trainer = build_trainer(
+            small_plan(),
+            model,
+            tok,
+            dataset,
+            tmp_path / str(fused),
+            padding_free=padding_free,
+            fused_lm_head=fused,
+        )
+        batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
+        n_items = int((batch["labels"][:, 1:] != IGNORE).sum())
+        model.zero_grad(set_to_none=True)
+        loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(n_items))
+        loss.backward()
+        losses[fused], grads[fused] = float(loss), torch.cat([p.grad.flatten() for p in model.parameters()])
+        accuracy[fused] = trainer._metrics["train"]["mean_token_accuracy"][-1]
+    assert math.isfinite(losses[True]) and losses[True] > 1.0
+    assert abs(losses[True] - losses[False]) < 1e-4 * losses[True]
+    torch.testing.assert_close(
+        grads[False], grads[True], rtol=1e-3, atol=1e-5 * float(grads[True].abs().max())
+    )
+    assert accuracy[True] == pytest.approx(accuracy[False])
+
+
 # ======================================================================================================
 # Padding-free batches
 # ======================================================================================================
@@ -220,6 +252,10 @@ def test_padding_free_loss_equals_padded_loss(bundled_tokenizer, tmp_path, atten
         with torch.no_grad():
             losses[padding_free] = float(trainer.compute_loss(model, dict(batch)))
             if padding_free:  # the same flat row with a plain causal mask: examples see each other
+                assert model.config._attn_implementation == (
+                    "sdpa_packed" if attention == "sdpa" else attention
+                )
+                restore_attention(model, trainer.attention_before)
                 leaky = {**batch, "attention_mask": torch.ones_like(batch["input_ids"])}
                 losses["leaky"] = float(trainer.compute_loss(model, leaky))
     print(

@@ -1,0 +1,117 @@
+"""Attention for padding-free rows that costs what the examples cost, not what the whole row costs.
+
+A padding-free batch lays its examples end to end in one row, with ``position_ids`` restarting at 0 for
+each (see :mod:`smoltulu_utils.sft`). transformers keeps the examples apart with a block-diagonal mask
+over the whole row, so sdpa still computes every pair of positions in the row: ``(sum n_i)^2`` scores
+where ``sum n_i^2`` are needed; with eight examples that is several times the attention work, and the
+mask forces sdpa's slowest kernel. FlashAttention's variable-length kernels avoid it on a GPU; nothing
+in torch or transformers does on a CPU, so this module is written by hand: it registers one more
+attention implementation, ``"sdpa_packed"``, that cuts the row at the position resets and runs causal
+sdpa on each example, and falls back to transformers' own sdpa for anything else (padded batches,
+generation with a cache). The result equals the block-diagonal sdpa (``tests/test_packed_attention.py``).
+
+::
+
+    use_packed_attention(model)      # while training on padding-free batches
+    restore_attention(model, "sdpa")  # before saving, so the checkpoint loads anywhere
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+NAME = "sdpa_packed"
+
+
+def sequence_starts(position_ids: torch.Tensor) -> list[int]:
+    """Where each example of a one-row padding-free batch begins, plus the row's length at the end."""
+    row = position_ids.reshape(-1)
+    starts = (row == 0).nonzero().flatten().tolist()
+    if not starts or starts[0] != 0:
+        starts = [0, *starts]
+    return [*starts, row.numel()]
+
+
+def _packed_row(query: torch.Tensor, key: torch.Tensor, attention_mask: Any, kwargs: dict) -> bool:
+    position_ids = kwargs.get("position_ids")
+    return (
+        position_ids is not None
+        and query.shape[0] == 1
+        and query.shape[2] == key.shape[2] == position_ids.shape[-1]
+        and kwargs.get("past_key_values") is None
+        and (attention_mask is None or attention_mask.dim() == 4)  # a 2D mask means padded rows
+    )
+
+
+def packed_sdpa_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Causal sdpa on each example of a padding-free row; transformers' sdpa for every other input.
+
+    Shapes follow transformers' attention interface: query ``(1, heads, L, d)``, key and value
+    ``(1, kv_heads, L, d)``; returns ``(1, L, heads, d)``.
+    """
+    if not _packed_row(query, key, attention_mask, kwargs):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    dropout = dropout if module.training else 0.0
+    bounds = sequence_starts(kwargs["position_ids"])
+    pieces = [
+        F.scaled_dot_product_attention(
+            query[:, :, a:b],
+            key[:, :, a:b],
+            value[:, :, a:b],
+            dropout_p=dropout,
+            is_causal=True,
+            scale=scaling,
+        )
+        for a, b in zip(bounds[:-1], bounds[1:], strict=False)
+        if b > a
+    ]
+    return torch.cat(pieces, dim=2).transpose(1, 2).contiguous(), None
+
+
+def register() -> str:
+    """Make ``"sdpa_packed"`` a known attention implementation (idempotent); returns its name."""
+    AttentionInterface.register(NAME, packed_sdpa_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)  # the fallback needs sdpa's own masks
+    return NAME
+
+
+def use_packed_attention(model: Any) -> str | None:
+    """Switch an sdpa model to ``"sdpa_packed"``; returns the implementation it had (None: unchanged).
+
+    Only sdpa models switch: FlashAttention already runs each example apart, and eager attention is what
+    a user asks for when they want to inspect attention weights.
+    """
+    config = getattr(model, "config", None)
+    before = getattr(config, "_attn_implementation", None)
+    if before != "sdpa":
+        return None
+    register()
+    model.set_attn_implementation(NAME)
+    return before
+
+
+def restore_attention(model: Any, implementation: str | None) -> None:
+    """Put back the attention implementation :func:`use_packed_attention` replaced (None: nothing)."""
+    if implementation is not None:
+        model.set_attn_implementation(implementation)
