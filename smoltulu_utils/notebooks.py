@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -37,9 +38,17 @@ class NotebookRun:
     seconds: float
 
 
+#: A stage notebook's name: two digits, an optional letter (``00b`` runs after ``00``), ``_``, a name.
+_STAGE_NAME = re.compile(r"^\d\d[a-z]?_.*\.ipynb$")
+
+
 def ordered_notebooks(directory: Path = NOTEBOOKS_DIR) -> list[Path]:
-    """The stage notebooks (``NN_name.ipynb``) in the order they are meant to run."""
-    return sorted(p for p in Path(directory).glob("[0-9][0-9]_*.ipynb"))
+    """The stage notebooks (``NN_name.ipynb`` or ``NNx_name.ipynb``) in the order they are meant to run.
+
+    Names sort as text, so ``00_setup`` < ``00b_data`` < ``01_...`` (``_`` sorts before letters).
+    """
+    found = Path(directory).glob("[0-9][0-9]*_*.ipynb")
+    return sorted(p for p in found if _STAGE_NAME.match(p.name))
 
 
 def _load(path: Path) -> dict:

@@ -254,3 +254,82 @@ def format_lr(value: float) -> str:
     """A learning rate (or ratio) as the paper prints it: one decimal in the mantissa, ``9e-05`` -> ``"9.0e-5"``."""
     mantissa, exponent = f"{value:.1e}".split("e")
     return f"{mantissa}e{int(exponent)}"
+
+
+# --- the data tables: contamination (Tables 1, 4, 13) and languages (Tables 10, 11, 12) ---------
+
+#: Contamination tables (percent of benchmark items found in a training mixture) and language tables.
+CONTAMINATION_FILE = "tables01_04_13_contamination.csv"
+LANGUAGE_FILE = "tables10_11_12_language_distribution.csv"
+#: Paper table -> the kit dataset (``smoltulu_utils.data.DATASETS``) whose rows it describes.
+DATA_TABLE_MIXTURES = {
+    1: "tulu3_sft",
+    4: "tulu3_preference",
+    13: "rlvr_mixed",
+    10: "tulu3_sft",
+    11: "tulu3_preference",
+    12: "rlvr_mixed",
+}
+CONTAMINATION_TABLES = (1, 4, 13)
+LANGUAGE_TABLES = (10, 11, 12)
+
+
+def _table_number(text: str) -> int:
+    return int(re.sub(r"\D", "", text))
+
+
+def _pick_tables(frame: pd.DataFrame, table: int | None, allowed: tuple[int, ...]) -> pd.DataFrame:
+    if table is None:
+        return frame.reset_index(drop=True)
+    if table not in allowed:
+        raise KeyError(f"no table {table!r} in this file; choose from {list(allowed)}")
+    return frame[frame["table"] == table].reset_index(drop=True)
+
+
+def paper_contamination(table: int | None = None) -> pd.DataFrame:
+    """Tables 1 (SFT), 4 (preference) and 13 (RLVR): percent of each benchmark's items found in the mixture.
+
+    Tidy rows in the paper's order. Columns: table (1, 4 or 13), mixture (kit dataset name), dataset
+    (as printed, e.g. ``"allenai/tulu-3-sft-mixture (SFT)"``), benchmark (Hub id as printed),
+    value (float, percent), printed (text), source, status.
+    """
+    raw = read_paper_csv(CONTAMINATION_FILE)
+    numbers = raw["table"].map(_table_number)
+    frame = pd.DataFrame(
+        {
+            "table": numbers,
+            "mixture": numbers.map(DATA_TABLE_MIXTURES),
+            "dataset": raw["dataset_checked"],
+            "benchmark": raw["benchmark"],
+            "value": raw["contamination_percent"].astype(float),
+            "printed": raw["contamination_percent"],
+            "source": raw["source"],
+            "status": raw["status"],
+        }
+    )
+    return _pick_tables(frame, table, CONTAMINATION_TABLES)
+
+
+def paper_languages(table: int | None = None) -> pd.DataFrame:
+    """Tables 10 (SFT), 11 (DPO / RM) and 12 (RLVR): the share of each language in the mixture, in percent.
+
+    Tidy rows in the order printed (the paper's rank; Table 10 prints French after Japanese although
+    its share is larger). Columns: table, mixture (kit dataset name), dataset (as printed), rank,
+    language, value (float, percent), printed (text), source, status.
+    """
+    raw = read_paper_csv(LANGUAGE_FILE)
+    numbers = raw["table"].map(_table_number)
+    frame = pd.DataFrame(
+        {
+            "table": numbers,
+            "mixture": numbers.map(DATA_TABLE_MIXTURES),
+            "dataset": raw["dataset_stage"],
+            "rank": raw["rank_as_printed"].astype(int),
+            "language": raw["language"],
+            "value": raw["presence_percent"].astype(float),
+            "printed": raw["presence_percent"],
+            "source": raw["source"],
+            "status": raw["status"],
+        }
+    )
+    return _pick_tables(frame, table, LANGUAGE_TABLES)

@@ -6,12 +6,14 @@
 - :func:`save_figure`: writes ``<name>.png`` (150 dpi) and ``<name>.pdf`` under ``figures_dir()``,
   names paper-numbered like ``fig01_lr_bs_contours`` or ``table09_benchmarks``.
 - :func:`plot_lr_bs_ratios` (Tables 2, 5, 7) and :func:`plot_benchmark_comparison` (Table 9).
+- :func:`plot_contamination` (Tables 1, 4, 13) and :func:`plot_language_distribution` (Tables 10-12).
 
 Tests and CI run headless: set ``MPLBACKEND=Agg`` (nothing here opens a window).
 """
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -766,3 +768,92 @@ def save_ablation_figures(df, directory: str | Path | None = None) -> dict[str, 
         finally:
             plt.close(fig)
     return saved
+
+
+# --- the data tables: contamination (Tables 1, 4, 13) and languages (Tables 10, 11, 12) -------------
+
+FIGURE_NAMES.update(
+    {"contamination": "tables01_04_13_contamination", "languages": "tables10_11_12_languages"}
+)
+#: Bar colours of the data tables: the paper's numbers, and the kit's (hatched).
+DATA_COLORS = {"paper": FAMILY_COLORS["SmolTulu"], "kit": FAMILY_COLORS["Tulu 3"]}
+
+
+def _paper_and_kit(table: pd.DataFrame) -> tuple[pd.Series, pd.Series | None]:
+    """The paper column and the kit column (or None) of a data table from :mod:`~smoltulu_utils.tables`."""
+    paper_cols = [c for c in table.columns if str(c).endswith("(paper)")]
+    kit_cols = [c for c in table.columns if str(c).endswith("(kit)") and not str(c).startswith("Items")]
+    if paper_cols:
+        return table[paper_cols[0]].astype(float), table[kit_cols[0]].astype(float) if kit_cols else None
+    return table.iloc[:, 0].astype(float), None
+
+
+def _paired_bars(tables: Sequence[pd.DataFrame], xlabel: str, title: str) -> Figure:
+    """One panel per table: a horizontal bar per row for the paper, a hatched one beside it for the kit."""
+    heights = [max(len(t), 1) for t in tables]
+    fig, axes = plt.subplots(
+        1,
+        len(tables),
+        figsize=(4.6 * len(tables), 1.3 + 0.26 * max(heights)),
+        squeeze=False,
+    )
+    for ax, table in zip(axes[0], tables, strict=True):
+        paper, kit = _paper_and_kit(table)
+        y = np.arange(len(table))[::-1]
+        width = 0.4 if kit is not None else 0.7
+        offset = width / 2 if kit is not None else 0.0
+        sides = [("paper", paper, offset, None)]
+        if kit is not None:
+            sides.append(("kit", kit, -offset, "///"))
+        top = np.nanmax([np.nanmax(s[1].to_numpy(dtype=float), initial=0.0) for s in sides]) or 1.0
+        for name, values, shift, hatch in sides:
+            heights_ = values.to_numpy(dtype=float)
+            bars = ax.barh(
+                y + shift,
+                np.nan_to_num(heights_),
+                height=width * 0.95,
+                color=DATA_COLORS[name],
+                hatch=hatch,
+                edgecolor="white",
+                label=name,
+            )
+            labels = ["–" if np.isnan(h) else f"{h:.2f}" for h in heights_]
+            ax.bar_label(bars, labels=labels, padding=2, fontsize=6.5, color="0.25")
+        ax.set_yticks(y, [str(i) for i in table.index], fontsize=7.5)
+        ax.set_xlim(0, top * 1.25)
+        ax.set_ylim(-0.6, len(table) - 0.4)
+        ax.grid(axis="y", visible=False)
+        ax.set_xlabel(xlabel, fontsize=9)
+        number, _, rest = str(table.attrs.get("caption", "")).partition(":")
+        ax.set_title("\n".join([number, *textwrap.wrap(rest.strip(), 44)]), fontsize=9)
+    handles = [Line2D([], [], color=DATA_COLORS["paper"], linewidth=6, label="paper")]
+    if any(_paper_and_kit(t)[1] is not None for t in tables):
+        handles.append(Line2D([], [], color=DATA_COLORS["kit"], linewidth=6, label="kit (hatched)"))
+    fig.legend(handles=handles, loc="upper right", ncols=len(handles), bbox_to_anchor=(0.99, 1.0))
+    fig.suptitle(title, x=0.01, ha="left", fontweight="bold")
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    return fig
+
+
+def plot_contamination(tables: Sequence[pd.DataFrame] | None = None) -> Figure:
+    """Tables 1, 4 and 13 as bars: percent of each benchmark's items found in the SFT, preference, RLVR mixtures.
+
+    ``tables`` defaults to the paper's (``tables.table1()``, ``table4()``, ``table13()``); pass the same
+    tables built with kit results (``table1(store)``...) to draw the kit's bars (hatched) beside them.
+    """
+    from .tables import build_table
+
+    tables = [build_table(n) for n in (1, 4, 13)] if tables is None else list(tables)
+    return _paired_bars(tables, "benchmark items found in the mixture (%)", "Benchmark contamination")
+
+
+def plot_language_distribution(tables: Sequence[pd.DataFrame] | None = None) -> Figure:
+    """Tables 10, 11 and 12 as bars: the share of each language in the SFT, preference and RLVR mixtures.
+
+    ``tables`` defaults to the paper's (``tables.table10()``, ``table11()``, ``table12()``); tables built
+    with kit results add the kit's bars (hatched).
+    """
+    from .tables import build_table
+
+    tables = [build_table(n) for n in (10, 11, 12)] if tables is None else list(tables)
+    return _paired_bars(tables, "share of the mixture's rows (%)", "Language distribution")

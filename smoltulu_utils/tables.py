@@ -9,6 +9,10 @@
 Every ``tableN`` returns a DataFrame whose ``attrs`` carry the rendering details (decimals as printed,
 which columns to bold, notes); :func:`to_markdown`, :func:`to_latex` and :func:`save_table` use them
 so the rendered numbers are the paper's digits, never float noise.
+
+The data tables (1, 4, 13: benchmark contamination; 10, 11, 12: languages of the mixtures) are built
+at the end of this module from ``data/paper`` and the kit rows of ``contamination`` and ``languages``
+(stage ``data``), with the same ``(paper)`` / ``(kit)`` / ``Δ`` columns.
 """
 
 from __future__ import annotations
@@ -440,4 +444,223 @@ __all__ = [
     "to_latex",
     "to_markdown",
     "validate_name",
+]
+
+
+# --- the data tables: contamination (Tables 1, 4, 13) and languages (Tables 10, 11, 12) ---------
+# The kit's numbers for them are results rows with stage DATA_STAGE, model = the mixture (kit dataset
+# name), benchmark = the benchmark's Hub id or the language, metric CONTAMINATION_METRIC or
+# LANGUAGE_METRIC; smoltulu_utils.contamination and smoltulu_utils.languages write them.
+
+#: ``stage`` of the results rows that describe training data rather than a model.
+DATA_STAGE = "data"
+#: ``metric`` of a contamination row (percent of a benchmark's items found in a mixture).
+CONTAMINATION_METRIC = "contamination_percent"
+#: ``metric`` of a language row (percent of a mixture's rows in a language; ``benchmark`` = language).
+LANGUAGE_METRIC = "language_percent"
+_CONTAMINATION_COLUMN = "Contamination %"
+_LANGUAGE_COLUMN = "Presence %"
+
+
+def _kit_data_rows(kit: KitLike, mixture: str, metric: str) -> pd.DataFrame:
+    """The newest kit row per benchmark (or language) of one mixture and metric."""
+    frame = kit_frame(kit)
+    needed = {"model", "benchmark", "metric", "value"}
+    if frame is None or frame.empty or not needed <= set(frame.columns):
+        return pd.DataFrame(columns=["benchmark", "value", "n", "settings"])
+    frame = frame[(frame["metric"] == metric) & (frame["model"].astype(str) == mixture)].copy()
+    if "created_at" in frame.columns:
+        frame["created_at"] = pd.to_datetime(frame["created_at"], utc=True, format="ISO8601", errors="coerce")
+    frame = latest_rows(frame, ("model", "benchmark", "metric"))
+    for column in ("n", "settings"):
+        if column not in frame.columns:
+            frame[column] = None
+    return frame[["benchmark", "value", "n", "settings"]].reset_index(drop=True)
+
+
+def _data_table(
+    number: int,
+    kit: KitLike,
+    *,
+    paper: pd.DataFrame,
+    key: str,
+    base: str,
+    metric: str,
+    caption: str,
+    kit_note: str,
+    count_column: str | None,
+) -> pd.DataFrame:
+    from .paper import DATA_TABLE_MIXTURES
+
+    mixture = DATA_TABLE_MIXTURES[number]
+    labels = list(paper[key])
+    paper_values = pd.Series(paper["value"].to_numpy(dtype=float), index=labels)
+    found = _kit_data_rows(kit, mixture, metric)
+    if found.empty:
+        table = pd.DataFrame({base: paper_values}, index=pd.Index(labels, name=key.capitalize()))
+        kit_cols, deltas, notes = [], [], []
+    else:
+        found = found.set_index("benchmark")
+        extra = [b for b in found.index if b not in paper_values.index]
+        if key == "language":  # languages the paper does not list: largest share first
+            extra = sorted(extra, key=lambda b: -float(found.loc[b, "value"]))
+        index = labels + extra
+        kit_values = found["value"].astype(float).reindex(index)
+        if key == "language":  # the kit read the mixture: a listed language it never saw has 0 rows
+            kit_values = kit_values.fillna(0.0)
+        paper_col = paper_values.reindex(index)
+        columns = {f"{base} (paper)": paper_col, f"{base} (kit)": kit_values}
+        columns[f"{base} Δ"] = (kit_values - paper_col).round(2)
+        if count_column:
+            counts = found["n"].reindex(index)
+            columns[count_column] = pd.Series(
+                [int(c) if c is not None and not pd.isna(c) else None for c in counts],
+                index=index,
+                dtype=object,
+            )
+        table = pd.DataFrame(columns, index=pd.Index(index, name=key.capitalize()))
+        kit_cols, deltas = [f"{base} (kit)"], [f"{base} Δ"]
+        settings = next((s for s in found["settings"] if isinstance(s, Mapping)), {})
+        notes = [
+            "(paper): as printed in the paper; (kit): " + kit_note.format(**_note_values(settings, found))
+            + "; Δ = kit − paper; –: not measured on that side."
+        ]  # fmt: skip
+    table.attrs.update(
+        table=number,
+        caption=caption,
+        decimals=2,
+        bold_columns=[],
+        delta_columns=deltas,
+        kit_columns=kit_cols,
+        notes=notes,
+    )
+    return table
+
+
+def _note_values(settings: Mapping[str, Any], found: pd.DataFrame) -> dict[str, Any]:
+    values = {"ngram": "n", "threshold": "a threshold", "rows": "the", "detected": "the", "detector": ""}
+    if settings.get("ngram") is not None:
+        values["ngram"] = settings["ngram"]
+    if settings.get("threshold") is not None:
+        values["threshold"] = f"{float(settings['threshold']):.0%}"
+    if settings.get("rows_scanned") is not None:
+        values["rows"] = f"{int(settings['rows_scanned']):,}"
+    if settings.get("rows_detected") is not None:
+        values["detected"] = f"{int(settings['rows_detected']):,}"
+    if settings.get("detector"):
+        values["detector"] = f" ({settings['detector']})"
+    return values
+
+
+def _contamination_table(number: int, kit: KitLike) -> pd.DataFrame:
+    from .paper import paper_contamination
+
+    paper = paper_contamination(number)
+    return _data_table(
+        number,
+        kit,
+        paper=paper,
+        key="benchmark",
+        base=_CONTAMINATION_COLUMN,
+        metric=CONTAMINATION_METRIC,
+        caption=f"Table {number}: benchmark contamination of {paper['dataset'].iloc[0]}",
+        kit_note=(
+            "percent of a benchmark's items of which one user turn among {rows} rows covers more than "
+            "{threshold} of the words with {ngram}-gram matches (Tulu 3's rule)"
+        ),
+        count_column="Items (kit)",
+    )
+
+
+def _language_table(number: int, kit: KitLike) -> pd.DataFrame:
+    from .paper import paper_languages
+
+    paper = paper_languages(number)
+    return _data_table(
+        number,
+        kit,
+        paper=paper,
+        key="language",
+        base=_LANGUAGE_COLUMN,
+        metric=LANGUAGE_METRIC,
+        caption=f"Table {number}: language distribution of the {paper['dataset'].iloc[0]}",
+        kit_note=(
+            "share of {detected} rows with a detected language (of {rows} read) whose prompt the "
+            "language identifier{detector} assigns to the language"
+        ),
+        count_column=None,
+    )
+
+
+def table1(kit: KitLike = None) -> pd.DataFrame:
+    """Table 1, contamination of the SFT mixture: percent of each benchmark's items found in it.
+
+    Rows in the paper's order (benchmark Hub ids), then the kit's other benchmarks. Given kit rows
+    (stage ``data``, metric ``contamination_percent``, model ``tulu3_sft``; written by
+    :func:`smoltulu_utils.contamination.results_rows`): ``Contamination % (paper)``, ``(kit)``, ``Δ``
+    and ``Items (kit)``, the number of items the kit checked.
+    """
+    return _contamination_table(1, kit)
+
+
+def table4(kit: KitLike = None) -> pd.DataFrame:
+    """Table 4, contamination of the preference mixture (DPO / RM); kit rows of ``tulu3_preference`` as in :func:`table1`."""
+    return _contamination_table(4, kit)
+
+
+def table13(kit: KitLike = None) -> pd.DataFrame:
+    """Table 13, contamination of the RLVR mixture; kit rows of ``rlvr_mixed`` as in :func:`table1`."""
+    return _contamination_table(13, kit)
+
+
+def table10(kit: KitLike = None) -> pd.DataFrame:
+    """Table 10, languages of the SFT mixture in percent, in the order printed.
+
+    Given kit rows (stage ``data``, metric ``language_percent``, model ``tulu3_sft``, benchmark = the
+    language; written by :func:`smoltulu_utils.languages.results_rows`): ``Presence % (paper)``,
+    ``(kit)`` and ``Δ``; languages only the kit found follow, largest first.
+    """
+    return _language_table(10, kit)
+
+
+def table11(kit: KitLike = None) -> pd.DataFrame:
+    """Table 11, languages of the preference mixture (DPO / RM); kit rows of ``tulu3_preference`` as in :func:`table10`."""
+    return _language_table(11, kit)
+
+
+def table12(kit: KitLike = None) -> pd.DataFrame:
+    """Table 12, languages of the RLVR mixture; kit rows of ``rlvr_mixed`` as in :func:`table10`."""
+    return _language_table(12, kit)
+
+
+_BUILDERS.update({1: table1, 4: table4, 10: table10, 11: table11, 12: table12, 13: table13})
+_ORDERED_NAMES = dict(
+    sorted(
+        {
+            **TABLE_NAMES,
+            1: "table01_sft_contamination",
+            4: "table04_preference_contamination",
+            10: "table10_sft_languages",
+            11: "table11_preference_languages",
+            12: "table12_rlvr_languages",
+            13: "table13_rlvr_contamination",
+        }.items()
+    )
+)
+TABLE_NAMES.clear()
+TABLE_NAMES.update(_ORDERED_NAMES)
+#: The paper's data tables: contamination (1, 4, 13) and language distribution (10, 11, 12).
+DATA_TABLES = (1, 4, 13, 10, 11, 12)
+
+__all__ += [
+    "CONTAMINATION_METRIC",
+    "DATA_STAGE",
+    "DATA_TABLES",
+    "LANGUAGE_METRIC",
+    "table1",
+    "table4",
+    "table10",
+    "table11",
+    "table12",
+    "table13",
 ]

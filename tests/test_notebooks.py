@@ -29,6 +29,14 @@ def test_the_stage_notebooks_are_found_in_order():
     assert names[0] == "00_setup_and_data.ipynb"
     assert names[-1] == "07_tables_and_figures.ipynb"
     assert names == sorted(names)
+    assert names[1] == "00b_data_analysis.ipynb", "the data analysis runs right after setup"
+
+
+def test_ordered_notebooks_puts_lettered_notebooks_after_their_number(tmp_path):
+    for name in ("01_b", "00b_a", "00_a", "_template", "0x_no", "00bb_no"):
+        (tmp_path / f"{name}.ipynb").write_text("{}")
+    names = [p.name for p in nbs.ordered_notebooks(tmp_path)]
+    assert names == ["00_a.ipynb", "00b_a.ipynb", "01_b.ipynb"]
 
 
 @pytest.mark.parametrize("path", ALL_NOTEBOOKS, ids=lambda p: p.name)
