@@ -92,6 +92,11 @@ DATASETS: dict[str, DatasetSpec] = {
             "ultrafeedback", "UltraFeedback preference pairs with scores; test_prefs scores reward models.",
         ),
         DatasetSpec(
+            "rewardbench", "allenai/reward-bench", ("filtered",),
+            _NOT_PINNED,  # not pinned: no public commit id found; pin before a paper run
+            "rewardbench", "RewardBench prompt/chosen/rejected strings by subset; scores reward models (Table 8).",
+        ),
+        DatasetSpec(
             "arc", "allenai/ai2_arc", ("test",),
             "210d026faf9955653af8916fad021475a3f00453",  # docs/evaluation.md §3.1
             "arc", "ARC grade-school science questions, Easy and Challenge sets (0-shot, acc_norm).",

@@ -126,6 +126,17 @@ FEATURES: dict[str, Features] = {
     "rlvr": Features(
         {"messages": MESSAGES, "ground_truth": STR, "dataset": STR, "constraint_type": STR, "constraint": STR}
     ),
+    "rewardbench": Features(
+        {
+            "prompt": STR,
+            "chosen": STR,
+            "chosen_model": STR,
+            "rejected": STR,
+            "rejected_model": STR,
+            "subset": STR,
+            "id": INT64,
+        }
+    ),
     "ultrafeedback": Features(
         {
             "prompt": STR,
@@ -306,6 +317,14 @@ def _check_ultrafeedback(row: Mapping) -> list[str]:
     return out
 
 
+def _check_rewardbench(row: Mapping) -> list[str]:
+    out = [f"empty {k}" for k in ("prompt", "chosen", "rejected", "subset")
+           if isinstance(row.get(k), str) and not row[k].strip()]  # fmt: skip
+    if isinstance(row.get("chosen"), str) and row.get("chosen") == row.get("rejected"):
+        out.append("chosen and rejected responses are identical")
+    return out
+
+
 def _if_ground_truth_problems(text: str) -> list[str]:
     try:
         spec = json.loads(text)
@@ -440,6 +459,7 @@ CHECKS: dict[str, Callable[[Mapping], list[str]]] = {
     "preference": _check_preference,
     "rlvr": _check_rlvr,
     "ultrafeedback": _check_ultrafeedback,
+    "rewardbench": _check_rewardbench,
     "arc": _check_arc,
     "bbh": _check_bbh,
     "gsm8k": _check_gsm8k,

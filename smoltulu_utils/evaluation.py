@@ -42,6 +42,8 @@ RECIPE_PAPER_MODELS = {
     "sft_1207": "SmolTulu SFT-1207",
     "dpo_1130": "SmolTulu DPO-1130",
     "dpo_1207": "SmolTulu DPO-1207",
+    "rm_1130": "SmolTulu RM-1130",
+    "rm_1207": "SmolTulu RM-1207",
 }
 #: Names of the kit's model keywords in result rows.
 KEYWORD_NAMES = {"bundled": "SmolLM2-135M-Instruct (bundled)", "tiny": "tiny SmolLM2 (random)"}

@@ -96,7 +96,7 @@ def _fixture_rows(name: str, split: str | None = None, config: str | None = None
 
 def test_registry_covers_every_dataset_with_a_pinned_or_flagged_revision():
     assert set(DATASETS) == {
-        "tulu3_sft", "tulu3_preference", "rlvr_mixed", "ultrafeedback",
+        "tulu3_sft", "tulu3_preference", "rlvr_mixed", "ultrafeedback", "rewardbench",
         "arc", "bbh", "gsm8k", "hellaswag", "ifeval", "mmlu_pro", "piqa",
     }  # fmt: skip
     for name, spec in DATASETS.items():

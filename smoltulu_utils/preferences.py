@@ -1,0 +1,321 @@
+"""Preference pairs for the DPO and reward-model stages: checked rows in TRL's conversational format.
+
+::
+
+    dataset, report = prepare_preference_rows(rows, tokenizer, max_length=2048)
+    dataset[0]            # {"prompt": [...messages], "chosen": [assistant turn], "rejected": [assistant turn]}
+    report.describe()     # "38 of 40 pairs kept ...; skipped row 3: chosen equals rejected ..."
+
+One function reads every preference layout the kit meets and hands TRL's ``DPOTrainer`` and
+``RewardTrainer`` the same thing, the *conversational preference format with an explicit prompt*: the
+shared conversation before the last turn in ``prompt``, and the two final assistant turns in ``chosen``
+and ``rejected`` (one message each). Layouts read:
+
+- full conversations, as in the Tulu 3 preference mixture and UltraFeedback: ``chosen`` and ``rejected``
+  are whole chats that share every turn but the last (a string ``prompt`` beside them is redundant and
+  ignored);
+- RewardBench's layout: ``prompt``, ``chosen`` and ``rejected`` are strings (one user turn, two replies);
+- TRL's own explicit-prompt layout: ``prompt`` is a list of messages, ``chosen``/``rejected`` the replies.
+
+Written by hand because neither TRL nor ``datasets`` checks what a pair *means*: TRL trains on a pair
+whose two replies are equal (a zero-gradient pair that still counts in the batch) or whose prompts differ
+(the margin then compares answers to two different questions), and drops over-long pairs without
+saying which. Here such rows are skipped and reported with their index and reason, as
+:func:`smoltulu_utils.sft.prepare_sft_rows` does for SFT rows; an empty input, or one with no usable
+pair, raises :class:`PreferenceDataError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .errors import KitError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import datasets
+    from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant")
+#: How many skipped rows a log message or a manifest lists by index (the count is always complete).
+SHOWN_SKIPS = 20
+
+
+class PreferenceDataError(KitError, ValueError):
+    """No usable preference pair (an empty input, or every row skipped); ``report`` says why, row by row."""
+
+    def __init__(self, message: str, report: PreferenceDataReport | None = None):
+        self.report = report
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class SkippedRow:
+    """A row left out: its position in the input and why."""
+
+    index: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"row {self.index}: {self.reason}"
+
+
+@dataclass
+class PreferenceDataReport:
+    """What :func:`prepare_preference_rows` kept and skipped.
+
+    ``kept_indices[i]`` is the input position of output row ``i`` (to join per-row fields such as a
+    RewardBench subset back). Token counts are of the whole rendered conversations of the kept rows.
+    """
+
+    n_rows: int
+    n_kept: int
+    n_too_long: int  # kept rows longer than max_length (only when too-long rows are kept)
+    max_length: int | None
+    chosen_tokens: int
+    rejected_tokens: int
+    longest: int  # tokens of the longest kept conversation
+    kept_indices: list[int] = field(default_factory=list)
+    skipped: list[SkippedRow] = field(default_factory=list)
+
+    @property
+    def n_skipped(self) -> int:
+        return len(self.skipped)
+
+    def reasons(self) -> dict[str, int]:
+        """Skipped rows counted by reason (the reason's text before any colon)."""
+        counts: dict[str, int] = {}
+        for row in self.skipped:
+            key = row.reason.split(":")[0]
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def describe(self) -> str:
+        """One summary line, then the skipped rows by index (the first ``SHOWN_SKIPS``)."""
+        limit = f"max length {self.max_length}" if self.max_length else "no length limit"
+        long = f", {self.n_too_long} longer than {self.max_length} kept" if self.n_too_long else ""
+        lines = [
+            f"{self.n_kept} of {self.n_rows} preference pairs kept ({limit}{long}; "
+            f"{self.chosen_tokens} chosen + {self.rejected_tokens} rejected tokens, longest {self.longest}); "
+            f"{self.n_skipped} skipped"
+        ]
+        lines += [f"  skipped {row}" for row in self.skipped[:SHOWN_SKIPS]]
+        if self.n_skipped > SHOWN_SKIPS:
+            lines.append(f"  ... and {self.n_skipped - SHOWN_SKIPS} more")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for a manifest (skipped rows listed up to ``SHOWN_SKIPS``, counted in full)."""
+        out = dataclasses.asdict(self)
+        out.pop("kept_indices")
+        out["skipped"] = [dataclasses.asdict(s) for s in self.skipped[:SHOWN_SKIPS]]
+        out["n_skipped"] = self.n_skipped
+        out["skipped_by_reason"] = self.reasons()
+        return out
+
+
+# ======================================================================================================
+# One row -> (prompt, chosen reply, rejected reply), or the reason it cannot be a pair
+# ======================================================================================================
+def _messages_problem(messages: Any, side: str) -> str | None:
+    if not isinstance(messages, Sequence) or isinstance(messages, str):
+        return f"bad {side}: expected a list of messages or a string, got {type(messages).__name__}"
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            return f"bad {side}: message {i} is {type(message).__name__}, not a dict"
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            return f"bad {side}: message {i} has role {role!r} (expected one of {', '.join(ROLES)})"
+        if not isinstance(content, str):
+            return f"bad {side}: message {i} content is {type(content).__name__}, not str"
+    return None
+
+
+def _plain(messages: Sequence[Mapping]) -> list[dict[str, str]]:
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _conversations(row: Any) -> tuple[list[dict], list[dict]] | str:
+    """The full chosen and rejected conversations of a row in any known layout, or why there are none."""
+    if not isinstance(row, Mapping):
+        return f"not a preference row: a {type(row).__name__}, not a dict"
+    missing = [key for key in ("chosen", "rejected") if row.get(key) is None]
+    if missing:
+        return f"not a preference row: no {' or '.join(repr(k) for k in missing)}"
+    prompt = row.get("prompt")
+    prompt_turns = isinstance(prompt, Sequence) and not isinstance(prompt, str)
+    if prompt is not None and not (isinstance(prompt, str) or prompt_turns):
+        return f"bad prompt: expected a string or a list of messages, got {type(prompt).__name__}"
+    sides = {}
+    for side in ("chosen", "rejected"):
+        value = row[side]
+        if isinstance(value, str):  # RewardBench layout: the reply alone, after the prompt
+            if prompt is None:
+                return f"no prompt: '{side}' is a string, so the row needs a 'prompt'"
+            if isinstance(prompt, str):
+                if not prompt.strip():
+                    return "empty prompt: the prompt string has no text"
+                value = [{"role": "user", "content": prompt}, {"role": "assistant", "content": value}]
+            else:
+                value = [*prompt, {"role": "assistant", "content": value}]
+        elif prompt_turns and isinstance(value, Sequence):
+            # TRL's explicit prompt: the replies follow the prompt turns (unless they repeat them already)
+            if list(value[: len(prompt)]) != list(prompt) or len(value) <= len(prompt):
+                value = [*prompt, *value]
+        problem = _messages_problem(value, side)
+        if problem:
+            return problem
+        sides[side] = _plain(value)
+    return sides["chosen"], sides["rejected"]
+
+
+def _pair_problem(chosen: list[dict], rejected: list[dict]) -> str | None:
+    """Why two full conversations are not a usable preference pair, or None."""
+    for side, conversation in (("chosen", chosen), ("rejected", rejected)):
+        if not conversation:
+            return f"empty {side}: no messages"
+        last = conversation[-1]
+        if last["role"] != "assistant":
+            return f"no reply: '{side}' ends with a {last['role']!r} turn, not an assistant turn"
+        if not last["content"].strip():
+            return f"empty reply: the last '{side}' turn has no text"
+    if len(chosen) != len(rejected):
+        return (
+            f"prompt mismatch: chosen has {len(chosen) - 1} prompt turns, rejected {len(rejected) - 1} "
+            "(the two must share every turn before the reply)"
+        )
+    for i, (a, b) in enumerate(zip(chosen[:-1], rejected[:-1], strict=True)):
+        if a != b:
+            what = "role" if a["role"] != b["role"] else "content"
+            return f"prompt mismatch: message {i} ({a['role']}) differs in {what} between chosen and rejected"
+    if chosen[-1]["content"].strip() == rejected[-1]["content"].strip():
+        return "chosen equals rejected: the two replies are the same text"
+    if not any(m["role"] == "user" for m in chosen[:-1]):
+        return "no prompt: no user turn before the reply"
+    return None
+
+
+def split_pair(row: Mapping) -> dict[str, list[dict]]:
+    """One row as TRL's explicit-prompt pair ``{"prompt", "chosen", "rejected"}``; PreferenceDataError if bad."""
+    found = _conversations(row)
+    if isinstance(found, str):
+        raise PreferenceDataError(f"not a usable preference pair: {found}")
+    chosen, rejected = found
+    problem = _pair_problem(chosen, rejected)
+    if problem:
+        raise PreferenceDataError(f"not a usable preference pair: {problem}")
+    return {"prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:]}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _length(tokenizer: PreTrainedTokenizerBase, conversation: list[dict]) -> int:
+    """Tokens of the rendered conversation, as TRL tokenizes it (``apply_chat_template``, tokenized)."""
+    ids = tokenizer.apply_chat_template(conversation, tokenize=True)
+    if hasattr(ids, "keys"):  # a BatchEncoding in recent transformers
+        ids = ids["input_ids"]
+    return len(ids)
+
+
+# ======================================================================================================
+# Rows -> dataset
+# ======================================================================================================
+def preference_features() -> datasets.Features:
+    """The features of a prepared dataset: ``prompt``, ``chosen`` and ``rejected`` as lists of messages."""
+    import datasets
+
+    messages = datasets.List({"content": datasets.Value("string"), "role": datasets.Value("string")})
+    return datasets.Features({"prompt": messages, "chosen": messages, "rejected": messages})
+
+
+def prepare_preference_rows(
+    rows: Iterable[Mapping],
+    tokenizer: PreTrainedTokenizerBase | None,
+    max_length: int | None,
+    *,
+    drop_too_long: bool = True,
+) -> tuple[datasets.Dataset, PreferenceDataReport]:
+    """Check preference rows and split each into TRL's explicit prompt format: ``(Dataset, report)``.
+
+    Every kept row becomes ``{"prompt": [turns before the reply], "chosen": [assistant reply],
+    "rejected": [assistant reply]}``, the conversational layout both ``DPOTrainer`` and ``RewardTrainer``
+    take (each renders ``prompt + chosen`` with the tokenizer's chat template). Rows of any layout in the
+    module docstring are read.
+
+    A row is skipped, with its index and reason in ``report.skipped`` and a warning in the log, when:
+    it is not a preference row (no chosen/rejected, bad messages), a side does not end with a non-empty
+    assistant reply, ``chosen`` equals ``rejected`` (same reply text, ignoring surrounding whitespace),
+    the prompt differs between the chosen and rejected conversations (any turn before the reply), or
+    there is no user turn. With a ``tokenizer``, a row whose chat template fails is skipped, and a row
+    whose chosen or rejected conversation is longer than ``max_length`` tokens is skipped when
+    ``drop_too_long`` (what TRL's RewardTrainer would do silently) or kept and counted otherwise (DPO
+    truncates). Raises :class:`PreferenceDataError` for an empty input or when no row is usable.
+    """
+    import datasets
+
+    if max_length is not None and max_length < 2:
+        raise PreferenceDataError(f"max_length must be at least 2 tokens or None, got {max_length}")
+    columns: dict[str, list] = {"prompt": [], "chosen": [], "rejected": []}
+    skipped: list[SkippedRow] = []
+    kept: list[int] = []
+    n_rows = n_too_long = chosen_tokens = rejected_tokens = longest = 0
+    for index, row in enumerate(rows):
+        n_rows += 1
+        found = _conversations(row)
+        problem = found if isinstance(found, str) else _pair_problem(*found)
+        lengths = (0, 0)
+        if problem is None and tokenizer is not None:
+            try:
+                lengths = (_length(tokenizer, found[0]), _length(tokenizer, found[1]))
+            except Exception as exc:  # a template's own error (e.g. jinja raise_exception) on one row
+                problem = f"chat template: {type(exc).__name__}: {_first_line(exc)}"
+            else:
+                if max_length is not None and max(lengths) > max_length:
+                    if drop_too_long:
+                        problem = (
+                            f"too long: chosen {lengths[0]} and rejected {lengths[1]} tokens, "
+                            f"max_length is {max_length}"
+                        )
+                    else:
+                        n_too_long += 1
+        if problem is not None:
+            skipped.append(SkippedRow(index, problem))
+            continue
+        chosen, rejected = found
+        columns["prompt"].append(chosen[:-1])
+        columns["chosen"].append(chosen[-1:])
+        columns["rejected"].append(rejected[-1:])
+        kept.append(index)
+        chosen_tokens += lengths[0]
+        rejected_tokens += lengths[1]
+        longest = max(longest, *lengths)
+    report = PreferenceDataReport(
+        n_rows=n_rows,
+        n_kept=len(kept),
+        n_too_long=n_too_long,
+        max_length=max_length,
+        chosen_tokens=chosen_tokens,
+        rejected_tokens=rejected_tokens,
+        longest=longest,
+        kept_indices=kept,
+        skipped=skipped,
+    )
+    if n_rows == 0:
+        raise PreferenceDataError(
+            "the preference set is empty: no rows to train or score. Check the dataset name, split and "
+            "mirror (load_rows(..., mirror=...)), or the filter that selected the rows.",
+            report,
+        )
+    if not kept:
+        raise PreferenceDataError(f"no usable preference pair in {n_rows} rows:\n{report.describe()}", report)
+    if skipped:
+        log.warning("preference data: skipped %d of %d rows\n%s", len(skipped), n_rows, report.describe())
+    return datasets.Dataset.from_dict(columns, features=preference_features()), report
