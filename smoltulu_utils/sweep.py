@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from .errors import KitError
 from .paths import RECIPES_DIR, runs_dir
-from .recipes import RecipeError, SFTRecipe, recipe_from_dict
+from .recipes import DPORecipe, Recipe, RecipeError, RMRecipe, SFTRecipe, recipe_from_dict
 from .results import ResultsStore
 
 if TYPE_CHECKING:
@@ -46,8 +46,14 @@ logger = logging.getLogger(__name__)
 
 #: The value of ``kind:`` that marks a YAML file as a sweep grid.
 GRID_KIND = "lr_bs_sweep"
-#: The metric every cell reports: the loss on held-out SFT data after training (lower is better).
+#: The metric every cell reports: the stage's loss on held-out data after training (lower is better).
 EVAL_LOSS = "eval_loss"
+#: Held-out preference-pair accuracy of a DPO (implicit reward) or reward-model cell (higher is better).
+PAIR_ACCURACY = "pair_accuracy"
+#: The stages a grid can sweep, and the recipe class of each.
+SWEEP_STAGES: dict[str, type[Recipe]] = {"sft": SFTRecipe, "dpo": DPORecipe, "rm": RMRecipe}
+#: Metrics that are not benchmarks, and the stages that report them.
+STAGE_METRICS = {EVAL_LOSS: ("sft", "dpo", "rm"), PAIR_ACCURACY: ("dpo", "rm")}
 #: Benchmark label of the row written last for a finished cell (its value: the number of metric rows).
 MARKER = "cell_complete"
 #: Benchmark label of the row recording a cell that raised (value 1; the error is in its settings).
@@ -124,7 +130,7 @@ class Cell:
     max_train_samples: int | None = None
     eval_limit: int | None = None
     eval_samples: int = 16
-    base: SFTRecipe | None = field(default=None, repr=False, compare=False)
+    base: Recipe | None = field(default=None, repr=False, compare=False)
     ratio: float = field(init=False)
     run_id: str = field(init=False)
 
@@ -143,7 +149,12 @@ class Cell:
     @property
     def benchmarks(self) -> tuple[str, ...]:
         """The benchmark labels to evaluate after training (empty when ``evaluate`` is off)."""
-        return tuple(m for m in self.metrics if m != EVAL_LOSS) if self.evaluate else ()
+        return tuple(m for m in self.metrics if m not in STAGE_METRICS) if self.evaluate else ()
+
+    @property
+    def stage(self) -> str:
+        """The stage the cell trains: its base recipe's (``sft`` without one)."""
+        return self.base.stage if self.base is not None else "sft"
 
     def settings(self) -> dict[str, Any]:
         """The values that identify the cell in a results row's settings."""
@@ -157,8 +168,8 @@ class Cell:
             "eval_samples": self.eval_samples,
         }
 
-    def recipe(self) -> SFTRecipe:
-        """The grid's base SFT recipe with this cell's learning rate, batch size, seed and run id."""
+    def recipe(self) -> Recipe:
+        """The grid's base recipe (SFT, DPO or RM) with this cell's learning rate, batch size, seed and run id."""
         if self.base is None:
             raise SweepError(
                 None,
@@ -198,18 +209,19 @@ def ratio_span(cells: Iterable[Cell]) -> tuple[float, float]:
     return min(ratios), max(ratios)
 
 
-def paper_ratio_range() -> tuple[float, float]:
-    """The smallest and largest LR / BS ratio of the paper's SFT recipes (Table 2), unscaled."""
+def paper_ratio_range(stage: str = "sft") -> tuple[float, float]:
+    """The smallest and largest LR / BS ratio of the paper's recipes of a stage (Tables 2, 5, 7), unscaled."""
     from .paper import paper_hyperparameters
 
-    ratios = paper_hyperparameters("SFT")["lr_bs_ratio"].astype(float)
+    ratios = paper_hyperparameters(stage.upper())["lr_bs_ratio"].astype(float)
     return float(ratios.min()), float(ratios.max())
 
 
 def covers_paper_range(cells: Iterable[Cell]) -> bool:
-    """True when the cells' LR / BS ratios reach at least Table 2's lowest and highest ratio."""
+    """True when the cells' LR / BS ratios reach at least the lowest and highest ratio of their stage's table."""
+    cells = list(cells)
     low, high = ratio_span(cells)
-    paper_low, paper_high = paper_ratio_range()
+    paper_low, paper_high = paper_ratio_range(cells[0].stage)
     return low <= paper_low and high >= paper_high
 
 
@@ -291,7 +303,7 @@ def _values(block: Mapping[str, Any], file: Path, where: str, key: str, convert:
     return values
 
 
-def _metrics(block: Mapping[str, Any], file: Path, where: str) -> tuple[str, ...]:
+def _metrics(block: Mapping[str, Any], file: Path, where: str, stage: str = "sft") -> tuple[str, ...]:
     from .paper import BENCHMARKS, canonical_benchmark
 
     raw = block["metrics"]
@@ -302,7 +314,12 @@ def _metrics(block: Mapping[str, Any], file: Path, where: str) -> tuple[str, ...
     for i, item in enumerate(raw):
         if not isinstance(item, str) or not item.strip():
             raise SweepError(file, f"{name}[{i}]", f"must be a metric name, got {item!r}.")
-        if item == EVAL_LOSS:
+        if item in STAGE_METRICS:
+            if stage not in STAGE_METRICS[item]:
+                raise SweepError(
+                    file, f"{name}[{i}]", f"'{item}' is not reported by a {stage} cell.",
+                    f"use it with stage {' or '.join(STAGE_METRICS[item])}, or remove it.",
+                )  # fmt: skip
             labels.append(item)
             continue
         try:
@@ -313,8 +330,9 @@ def _metrics(block: Mapping[str, Any], file: Path, where: str) -> tuple[str, ...
             raise SweepError(
                 file,
                 f"{name}[{i}]",
-                f"unknown metric {item!r}." + _closest(item, (EVAL_LOSS, *BENCHMARKS)),
-                f"use '{EVAL_LOSS}' or one of the paper's benchmarks: {', '.join(BENCHMARKS)}.",
+                f"unknown metric {item!r}." + _closest(item, (*STAGE_METRICS, *BENCHMARKS)),
+                f"use {', '.join(repr(m) for m in STAGE_METRICS)} or one of the paper's benchmarks: "
+                f"{', '.join(BENCHMARKS)}.",
             )
         labels.append(label)
     if EVAL_LOSS not in labels:
@@ -343,9 +361,9 @@ def _check_block(block: Any, file: Path, where: str, required: Sequence[str]) ->
     return dict(block)
 
 
-def _base_recipe(base: Any, file: Path) -> SFTRecipe:
+def _base_recipe(base: Any, file: Path) -> Recipe:
     if not isinstance(base, Mapping):
-        raise SweepError(file, "base", f"must be a mapping of SFT recipe keys, got {base!r}.")
+        raise SweepError(file, "base", f"must be a mapping of recipe keys, got {base!r}.")
     for key in _GRID_SET_KEYS:
         if key in base:
             raise SweepError(
@@ -359,9 +377,12 @@ def _base_recipe(base: Any, file: Path) -> SFTRecipe:
         prefix = f"{err.file}: key '{err.key}': " if err.key else f"{err.file}: "
         key = f"base.{err.key}" if err.key else "base"
         raise SweepError(file, key, text[len(prefix) :] if text.startswith(prefix) else text) from None
-    if not isinstance(recipe, SFTRecipe):
+    if not isinstance(recipe, tuple(SWEEP_STAGES.values())):
         raise SweepError(
-            file, "base.stage", f"is '{recipe.stage}'; the sweep trains SFT.", "use 'stage: sft'."
+            file,
+            "base.stage",
+            f"is '{recipe.stage}'; a sweep trains {', '.join(SWEEP_STAGES)}.",
+            f"use 'stage: {' | '.join(SWEEP_STAGES)}'.",
         )
     return recipe
 
@@ -430,7 +451,7 @@ def load_grid(name_or_path: str | Path = "ablation_135m", profile: str = "auto")
     lrs = _values(block, path, keyed("learning_rates"), "learning_rates", _positive_number)
     sizes = _values(block, path, keyed("effective_batch_sizes"), "effective_batch_sizes", _positive_int)
     seeds = _values(block, path, keyed("seeds"), "seeds", _non_negative_int)
-    metrics = _metrics(block, path, keyed("metrics"))
+    metrics = _metrics(block, path, keyed("metrics"), base.stage)
     evaluate = block.get("evaluate", False)
     if not isinstance(evaluate, bool):
         raise SweepError(path, f"{keyed('evaluate')}.evaluate", f"must be true or false, got {evaluate!r}.")
@@ -635,7 +656,7 @@ def run_sweep(
     run_cell: Callable[[Cell], Any] | None = None,
     store: ResultsStore | str | Path | None = None,
     *,
-    stage: str = "sft",
+    stage: str | None = None,
     model: str | None = None,
     progress: bool = True,
 ) -> SweepReport:
@@ -643,7 +664,8 @@ def run_sweep(
 
     ``run_cell(cell)`` returns a :class:`CellResult`, a mapping ``{metric: value}`` or a list of
     rows (None: :func:`train_and_evaluate`). ``store``: a :class:`ResultsStore` or its path (None:
-    the default store). ``model`` labels the rows (None: each cell's ``model``).
+    the default store). ``stage`` labels the rows (None: the cells' stage, from their base recipe).
+    ``model`` labels the rows (None: each cell's ``model``).
 
     A cell whose ``cell_complete`` marker is already in the store for the same run id, model,
     profile and sweep is skipped. A finished cell's rows are written in one atomic append, the
@@ -652,6 +674,12 @@ def run_sweep(
     and the sweep goes on (the next run retries it). A tqdm bar shows progress over the cells.
     """
     cells = list(cells)
+    if stage is None:  # the cells' own stage (their base recipe's), "sft" for bare cells
+        stages = {cell.stage for cell in cells}
+        if len(stages) > 1:
+            raise SweepError(None, "stage", f"the cells train several stages ({sorted(stages)}).",
+                             "run one sweep per stage.")  # fmt: skip
+        stage = stages.pop() if stages else "sft"
     run_cell = run_cell or train_and_evaluate
     if not isinstance(store, ResultsStore):
         store = ResultsStore(store)
@@ -772,31 +800,52 @@ def split_rows(plan: Plan, eval_samples: int) -> tuple[Any, Any]:
     return train, parts["test"]
 
 
+def _stage_trainer(stage: str) -> Callable[..., Any]:
+    """The ``train_<stage>`` function of a stage, imported on use (the sweep module loads without them)."""
+    if stage == "dpo":
+        from .dpo import train_dpo
+
+        return train_dpo
+    if stage == "rm":
+        from .reward_model import train_rm
+
+        return train_rm
+    from .sft import train_sft
+
+    return train_sft
+
+
 def train_and_evaluate(cell: Cell, output_dir: str | Path | None = None) -> CellResult:
-    """The default ``run_cell``: train the cell with :func:`smoltulu_utils.sft.train_sft`, then score it.
+    """The default ``run_cell``: train the cell with its stage's trainer, then score it.
 
-    ``eval_samples`` rows of the training data are held out (:func:`split_rows`) and give the eval
-    loss (mean NLL per trained token). The checkpoint goes to ``output_dir`` (default
-    ``runs_dir()/sweeps/<sweep>/<profile>/<run_id>``). When the cell's ``evaluate`` is on, its
-    benchmarks are run with :func:`smoltulu_utils.evaluation.evaluate` on the saved checkpoint
-    (``eval_limit`` items each).
+    SFT cells run :func:`smoltulu_utils.sft.train_sft`, DPO cells :func:`smoltulu_utils.dpo.train_dpo`
+    (the reference log-probs are computed by the first cell and read from the cache by every other,
+    since they share the starting model and data), reward-model cells
+    :func:`smoltulu_utils.reward_model.train_rm`. ``eval_samples`` rows of the training data are held
+    out (:func:`split_rows`) and give the eval loss (SFT: mean NLL per trained token; DPO and RM: the
+    stage's loss on the held-out pairs) and, for DPO and RM, the held-out pair accuracy. The checkpoint
+    goes to ``output_dir`` (default ``runs_dir()/sweeps/<sweep>/<profile>/<run_id>``). When the cell's
+    ``evaluate`` is on, its benchmarks are run with :func:`smoltulu_utils.evaluation.evaluate` on the
+    saved checkpoint (``eval_limit`` items each).
     """
-    from .sft import train_sft  # imported here: the sweep module loads without the trainer
-
     plan = cell.plan()
     out = Path(output_dir) if output_dir else runs_dir() / "sweeps" / cell.sweep / cell.profile / cell.run_id
     train_rows, eval_rows = split_rows(plan, cell.eval_samples)
-    trained = train_sft(plan, out, rows=train_rows, eval_rows=eval_rows, verbose=False)
+    trained = _stage_trainer(cell.stage)(plan, out, rows=train_rows, eval_rows=eval_rows, verbose=False)
     final = getattr(trained, "final_train_loss", None)
+    tokens = getattr(trained, "trained_tokens", None)
     result = CellResult(
         metrics={EVAL_LOSS: getattr(trained, "eval_loss", None)},  # None or NaN: listed as non-finite
         steps=getattr(trained, "steps", None),
-        tokens_seen=getattr(trained, "trained_tokens", None),
+        tokens_seen=tokens if tokens is not None else getattr(trained, "tokens_seen", None),
         train_loss=_finite(final) if final is not None else _final_loss(getattr(trained, "train_loss", None)),
         eval_loss=_finite(getattr(trained, "eval_loss", None)),
         wall_seconds=getattr(trained, "wall_seconds", None),
-        metric_names={EVAL_LOSS: "loss_per_token"},
+        metric_names={EVAL_LOSS: "loss_per_token" if cell.stage == "sft" else f"{cell.stage}_loss"},
     )
+    if PAIR_ACCURACY in cell.metrics:
+        result.metrics[PAIR_ACCURACY] = getattr(trained, "eval_accuracy", None)
+        result.metric_names[PAIR_ACCURACY] = "accuracy"
     if cell.benchmarks:
         from .evaluation import evaluate
 

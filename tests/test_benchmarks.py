@@ -54,3 +54,30 @@ def test_sft_throughput_writes_both_sides(tmp_path):
     assert saved["baseline"]["trained_tokens"] > saved["kit"]["trained_tokens"]
     assert saved["ratio"] > 0 and saved["mfu"] > 0
     assert saved["lengths"]["max"] <= 64
+
+
+def test_contamination_scan_writes_its_rate_and_projection(tmp_path):
+    script = _load_script("contamination_scan")
+    out = tmp_path / "contamination_scan.json"
+    report = script.main(["--min-rows", "300", "--baseline-rows", "5", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(report))
+    assert saved["kit"]["rows"] == 300 and saved["kit"]["rows_per_s"] > 0
+    assert saved["items"] == 154 and saved["index_ngrams"] > 0  # the fixture benchmarks
+    assert saved["full_rows"] == 939_344
+    assert saved["projected_full_seconds"] == saved["full_rows"] / saved["kit"]["rows_per_s"]
+    assert saved["agreement"] is True and saved["baseline"]["rows"] == 5
+
+
+def test_dpo_reference_cache_counts_reference_passes(tmp_path):
+    script = _load_script("dpo_reference_cache")
+    out = tmp_path / "dpo_reference_cache.json"
+    argv = ["--model", "tiny", "--steps", "1", "--batch", "2", "--max-length", "128", "--out", str(out)]
+    report = script.main(argv)
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(report))
+    assert saved["baseline"]["reference_forward_passes"] >= 2  # one live reference forward per step
+    assert saved["kit_first"]["reference_forward_passes"] > 0 and saved["kit_first"]["reference"] == "missing"
+    assert saved["kit_cached"]["reference_forward_passes"] == 0 and saved["kit_cached"]["reference"] == "hit"
+    assert saved["second_run_reference_passes"] == 0
+    assert saved["step_time_ratio"] > 0 and saved["peak_memory_ratio"] > 0

@@ -487,3 +487,48 @@ def test_a_killed_sweep_resumes_without_recomputing_finished_cells(tmp_path):
         assert count == Counter({EVAL_LOSS: 1, "ARC (Average)": 1, MARKER: 1}), run_id
     assert not list(tmp_path.glob(".results.jsonl.*.tmp"))
     assert len(sweep_frame(store)) == 16
+
+
+# --- DPO and reward-model grids ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, stage", [("ablation_dpo_135m", "dpo"), ("ablation_rm_135m", "rm")])
+def test_preference_grids_load_and_span_their_tables(name, stage):
+    from smoltulu_utils.sweep import PAIR_ACCURACY, paper_ratio_range
+
+    for profile in ("smoke", "paper"):
+        cells = load_grid(name, profile)
+        assert {cell.stage for cell in cells} == {stage}
+        assert cells[0].metrics == ("eval_loss", PAIR_ACCURACY)
+        assert covers_paper_range(cells)
+    low, high = paper_ratio_range(stage)
+    assert low < high
+
+
+def test_pair_accuracy_is_refused_for_sft_grids(tmp_path):
+    text = GRID.read_text().replace(
+        "  metrics: [eval_loss]             #", "  metrics: [eval_loss, pair_accuracy]  #"
+    )
+    path = tmp_path / "grid.yaml"
+    path.write_text(text)
+    with pytest.raises(SweepError, match="pair_accuracy.*not reported by a sft cell"):
+        load_grid(path, "smoke")
+
+
+def test_dpo_sweep_trains_cells_and_reads_the_reference_from_the_cache(tmp_path):
+    """Two DPO cells through the default run_cell: rows per metric; the second cell runs no reference pass."""
+    from smoltulu_utils.manifest import read_manifest
+    from smoltulu_utils.sweep import PAIR_ACCURACY
+
+    cells = [c for c in load_grid("ablation_dpo_135m", "smoke") if c.effective_batch_size == 4][1:]
+    assert len(cells) == 2
+    store = ResultsStore(tmp_path / "results.jsonl")
+    report = run_sweep(cells, store=store, progress=False)
+    assert report.ok and report.completed == [c.run_id for c in cells]
+    frame = sweep_frame(store, stage="dpo")
+    assert set(frame["metric"]) == {"eval_loss", PAIR_ACCURACY}
+    assert frame["value"].notna().all() and frame["steps"].eq(3).all()
+    manifests = [read_manifest(Path(os.environ["SMOLTULU_RUNS_DIR"]) / "sweeps" / c.sweep / c.profile / c.run_id)
+                 for c in cells]  # fmt: skip
+    second = manifests[1]["extra"]["reference"]
+    assert second["found"] == "hit" and second["forward_passes"] == 0

@@ -1,0 +1,452 @@
+"""The DPO stage: TRL's ``DPOTrainer`` with Tulu 3's length-normalised loss and cached reference log-probs.
+
+::
+
+    plan = resolve("dpo_1130", profile="auto")
+    result = train_dpo(plan, "runs/dpo_1130", parent="runs/sft_1130")
+    result.curves["margins"][-1], result.reference  # (step, margin); {"found": "hit", "forward_passes": 0, ...}
+
+The loss
+--------
+Tulu 3 trains with ``dpo_norm``: the DPO loss on *length-normalised* log-probabilities. With
+``pi(y|x)`` and ``ref(y|x)`` the summed log-probabilities of a reply under the policy and the frozen
+reference, ``|y|`` its token count, and chosen ``c`` / rejected ``r``::
+
+    margin = (pi(c|x) - ref(c|x)) / |c|  -  (pi(r|x) - ref(r|x)) / |r|
+    loss   = -log sigmoid(beta * margin)            (beta = 5 in Tulu 3)
+
+TRL implements exactly this as ``loss_type="sigmoid_norm"`` (plain ``dpo`` is ``"sigmoid"``); the kit maps
+the recipe's name to TRL's in :data:`TRL_LOSS_TYPES`, and ``tests/test_dpo.py`` checks the loss against
+this formula computed by hand from the model's logits.
+
+Reference log-probabilities
+---------------------------
+The trainer always precomputes the reference log-probs in one pass before training (TRL's
+``precompute_ref_log_probs``), from the starting model itself, so no second model is held in memory;
+and the kit keeps them on disk (:mod:`smoltulu_utils.reference_cache`), keyed by the reference weights,
+the tokenized pairs, the tokenizer and template, and the length settings. A later run with the same key
+(every cell of a DPO learning-rate x batch-size sweep) reads them and runs no reference forward pass
+at all; ``trainer.reference_forward_passes`` counts them. Pass ``reference_cache=None`` for TRL's own
+behaviour.
+
+What is written by hand here: the loss-name mapping, the disk cache (override of one TRL method),
+the implicit-reward accuracy that counts ties as half (:func:`pair_rewards`), and the run's bookkeeping
+(manifest, parent check, results).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from trl import DPOTrainer
+
+from .chat_template import doctor, template_fingerprint
+from .errors import KitError
+from .manifest import MANIFEST_NAME, check_parent, read_manifest, write_manifest
+from .preferences import PreferenceDataReport, prepare_preference_rows
+from .recipes import DPORecipe
+from .reference_cache import ReferenceCache, cache_key, data_fingerprint
+
+if TYPE_CHECKING:  # pragma: no cover
+    import datasets
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from trl import DPOConfig
+
+    from .profiles import Plan
+
+#: The recipe's loss names and TRL's: Tulu 3's ``dpo_norm`` is TRL's ``sigmoid_norm``.
+TRL_LOSS_TYPES = {"dpo": "sigmoid", "dpo_norm": "sigmoid_norm"}
+#: No gradient clipping unless asked: Tulu 3's DPO leaves open-instruct's clip_grad_norm at -1 (off).
+MAX_GRAD_NORM = 0.0
+#: TRL's per-step logs of the implicit rewards (``rewards/<name>``); accuracies count ties as 0.
+CURVES = ("chosen", "rejected", "margins", "accuracies")
+#: Where a run's reference log-probs live unless told otherwise.
+DEFAULT_CACHE = "default"
+
+
+class DPOError(KitError, ValueError):
+    """A DPO run that cannot start: wrong recipe, wrong parent, no usable pair; the message says the fix."""
+
+
+def dpo_config(
+    plan: Plan, output_dir: str | Path, *, max_grad_norm: float = MAX_GRAD_NORM, **overrides: Any
+) -> DPOConfig:
+    """TRL ``DPOConfig`` from a plan: batch split, schedule, length, beta, loss, precision and logs.
+
+    ``precompute_ref_log_probs`` is on (the reference pass happens once, before training); the recipe's
+    ``loss_type`` is mapped to TRL's name. ``overrides`` go to ``DPOConfig`` last.
+    """
+    from trl import DPOConfig
+
+    recipe = plan.recipe
+    settings: dict[str, Any] = {
+        "output_dir": str(output_dir),
+        "per_device_train_batch_size": plan.per_device_batch_size,
+        "per_device_eval_batch_size": plan.per_device_batch_size,
+        "gradient_accumulation_steps": plan.gradient_accumulation_steps,
+        "learning_rate": plan.learning_rate,
+        "lr_scheduler_type": recipe.lr_scheduler,
+        "warmup_steps": recipe.warmup_ratio,  # transformers 5: a float below 1 is a ratio of the steps
+        "weight_decay": recipe.weight_decay,
+        "num_train_epochs": recipe.num_epochs,
+        "max_steps": plan.max_steps if plan.max_steps else -1,
+        "max_length": plan.max_length,
+        "beta": recipe.beta,
+        "loss_type": [TRL_LOSS_TYPES[recipe.loss_type]],
+        "precompute_ref_log_probs": True,
+        "seed": recipe.seed,
+        "bf16": plan.dtype == "bf16",
+        "fp16": plan.dtype == "fp16",
+        "use_cpu": not torch.cuda.is_available(),
+        "gradient_checkpointing": plan.gradient_checkpointing,
+        "max_grad_norm": max_grad_norm,
+        "report_to": plan.report_to,
+        "logging_steps": 1,
+        "logging_nan_inf_filter": False,
+        "include_num_input_tokens_seen": "non_padding",
+        "disable_tqdm": False,
+        "save_strategy": "no",
+        "eval_strategy": "no",
+    }
+    settings.update(overrides)
+    return DPOConfig(**settings)
+
+
+class KitDPOTrainer(DPOTrainer):
+    """TRL's ``DPOTrainer`` whose precomputed reference log-probs go through a :class:`ReferenceCache`.
+
+    ``reference_forward_passes`` counts the reference batches actually run; ``reference_lookups`` holds,
+    per dataset name ("train", "eval"), the cache key, file and what the lookup found.
+    """
+
+    def __init__(self, *args: Any, reference_cache: ReferenceCache | None = None, **kwargs: Any):
+        self.reference_cache = reference_cache
+        self.reference_forward_passes = 0
+        self.reference_lookups: dict[str, dict[str, Any]] = {}
+        super().__init__(*args, **kwargs)
+
+    def compute_ref_log_probs(self, model, inputs):
+        self.reference_forward_passes += 1
+        return super().compute_ref_log_probs(model, inputs)
+
+    def reference_key_parts(self, dataset: datasets.Dataset) -> dict[str, Any]:
+        """What the reference log-probs of ``dataset`` depend on (hashed into the cache key)."""
+        model = self.ref_model or self.model
+        return {
+            "reference_weights": self._precompute_model_hash,
+            "reference_name": getattr(getattr(model, "config", None), "_name_or_path", ""),
+            "data": data_fingerprint(dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])),
+            "n_rows": len(dataset),
+            "tokenizer": template_fingerprint(self._tokenizer),
+            "max_length": self.args.max_length,
+            "truncation_mode": self.args.truncation_mode,
+            "ld_alpha": self.ld_alpha,
+            "dtype": str(next(model.parameters()).dtype),
+            "autocast": "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else "none",
+        }
+
+    def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
+        if self.reference_cache is None:
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        from accelerate.utils import broadcast_object_list
+
+        parts = self.reference_key_parts(dataset)
+        key = [cache_key(parts)]
+        broadcast_object_list(key, from_process=0)  # every rank reads the file rank 0 names
+        key = key[0]
+        found = self.reference_cache.load(key, len(dataset))
+        if found.hit:
+            chosen, rejected = found.chosen, found.rejected
+        else:
+            chosen, rejected = self._reference_pass(dataset, name, batch_size)
+            if self.accelerator.is_main_process:
+                self.reference_cache.save(key, chosen, rejected, parts)
+            self.accelerator.wait_for_everyone()
+        self.reference_lookups[name] = {"key": key, "path": str(found.path), "found": found.reason}
+        dataset = dataset.add_column("ref_chosen_logps", chosen.tolist())
+        return dataset.add_column("ref_rejected_logps", rejected.tolist())
+
+    def _reference_pass(self, dataset, name: str, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass of the reference (the starting model) over ``dataset``, in order, every rank's share."""
+        from torch.utils.data import DataLoader
+        from tqdm.auto import tqdm
+
+        loader = self.accelerator.prepare(
+            DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
+        )
+        model = self.ref_model or self.model
+        chosen, rejected = [], []
+        for batch in tqdm(loader, desc=f"Reference log-probs ({name})"):
+            c, r = self.compute_ref_log_probs(model, batch)
+            c, r = self.accelerator.gather_for_metrics((c, r))
+            chosen.append(c.float().cpu())
+            rejected.append(r.float().cpu())
+        return torch.cat(chosen), torch.cat(rejected)
+
+
+def build_dpo_trainer(
+    plan: Plan,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    train_dataset: datasets.Dataset,
+    output_dir: str | Path,
+    *,
+    eval_dataset: datasets.Dataset | None = None,
+    reference_cache: ReferenceCache | str | None = DEFAULT_CACHE,
+    callbacks: list | None = None,
+    peft_config: Any = None,
+    max_grad_norm: float = MAX_GRAD_NORM,
+    **config_overrides: Any,
+) -> KitDPOTrainer:
+    """A :class:`KitDPOTrainer` for a plan and pairs made by :func:`~smoltulu_utils.preferences.prepare_preference_rows`.
+
+    ``reference_cache``: ``"default"`` (the kit's cache folder), a :class:`ReferenceCache` or a folder,
+    or None (TRL's own precompute, no disk cache). Building the trainer runs (or reads) the reference pass.
+    """
+    if reference_cache == DEFAULT_CACHE:
+        reference_cache = ReferenceCache()
+    elif reference_cache is not None and not isinstance(reference_cache, ReferenceCache):
+        reference_cache = ReferenceCache(reference_cache)
+    config = dpo_config(plan, output_dir, max_grad_norm=max_grad_norm, **config_overrides)
+    return KitDPOTrainer(
+        model=model,
+        args=config,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        peft_config=peft_config,
+        reference_cache=reference_cache,
+    )
+
+
+@torch.no_grad()
+def pair_rewards(trainer: DPOTrainer, dataset: datasets.Dataset | None = None) -> dict[str, torch.Tensor]:
+    """The implicit rewards ``beta * (pi - ref)`` of every pair of a tokenized dataset (default: the eval set).
+
+    Length-normalised for ``dpo_norm``, as the loss sees them. Returns ``chosen``, ``rejected`` and
+    ``accuracy`` (chosen above rejected, a tie counting one half: 0.5 for the untrained policy, which
+    equals its reference). The dataset must carry the reference columns (the trainer's own sets do).
+    """
+    from torch.utils.data import DataLoader
+
+    dataset = trainer.eval_dataset if dataset is None else dataset
+    model = trainer.model
+    was_training = model.training
+    model.eval()
+    norm = "sigmoid_norm" in trainer.loss_types
+    rewards: dict[str, list[torch.Tensor]] = {"chosen": [], "rejected": []}
+    loader = DataLoader(
+        dataset, batch_size=trainer.args.per_device_eval_batch_size, collate_fn=trainer.data_collator
+    )
+    for batch in loader:
+        batch = trainer._prepare_inputs(batch)
+        counted = trainer.reference_forward_passes if isinstance(trainer, KitDPOTrainer) else None
+        policy = DPOTrainer.compute_ref_log_probs(trainer, model, batch)  # log-probs under the given model
+        if counted is not None:
+            trainer.reference_forward_passes = counted
+        lengths = batch["completion_mask"][..., 1:].sum(dim=1).float().chunk(2)
+        for i, side in enumerate(("chosen", "rejected")):
+            delta = policy[i].float() - batch[f"ref_{side}_logps"].float()
+            rewards[side].append((trainer.beta * (delta / lengths[i].clamp(min=1) if norm else delta)).cpu())
+    model.train(was_training)
+    chosen, rejected = torch.cat(rewards["chosen"]), torch.cat(rewards["rejected"])
+    accuracy = ((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).mean()
+    return {"chosen": chosen, "rejected": rejected, "accuracy": accuracy}
+
+
+# ======================================================================================================
+# The stage
+# ======================================================================================================
+@dataclass
+class DPOResult:
+    """What one DPO run did; histories are ``(optimizer step, value)`` from TRL's logs."""
+
+    output_dir: Path
+    steps: int
+    train_loss: list[tuple[int, float]]
+    final_train_loss: float | None
+    curves: dict[str, list[tuple[int, float]]]  # TRL's rewards/{chosen,rejected,margins,accuracies} per step
+    eval_loss: float | None  # the DPO loss on the held-out pairs after training
+    eval_accuracy: float | None  # held-out pair accuracy after training (ties count one half)
+    eval_accuracy_before: float | None
+    tokens_seen: int  # non-padding tokens of every chosen and rejected sequence trained on
+    wall_seconds: float
+    learning_rate: float
+    effective_batch_size: int
+    loss_type: str
+    reference: dict[str, Any] = field(default_factory=dict)  # cache key/file/lookup, forward passes
+    data_report: PreferenceDataReport | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["output_dir"] = str(self.output_dir)
+        out["data_report"] = self.data_report.to_dict() if self.data_report else None
+        return out
+
+
+def _history(history: list[dict], key: str) -> list[tuple[int, float]]:
+    return [(int(h["step"]), float(h[key])) for h in history if key in h and "step" in h]
+
+
+def check_sft_parent(folder: Path, tokenizer: Any) -> list[str]:
+    """Check a parent checkpoint folder for DPO: kit manifest, same tokenizer/template, an SFT stage."""
+    notes = []
+    check_parent(folder, tokenizer)
+    stage = read_manifest(folder).get("stage")
+    if stage not in ("sft", "dpo"):
+        raise DPOError(
+            f"{folder} is a '{stage}' checkpoint; DPO starts from an SFT checkpoint. "
+            "Pass the folder an SFT run saved (for example runs/sft_1130)."
+        )
+    if stage == "dpo":
+        notes.append(f"parent {folder} is itself a DPO checkpoint: training continues from it")
+    return notes
+
+
+def train_dpo(
+    plan: Plan,
+    output_dir: str | Path,
+    *,
+    model: PreTrainedModel | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    rows: Iterable[Mapping] | None = None,
+    eval_rows: Iterable[Mapping] | None = None,
+    parent: str | Path | None = None,
+    reference_cache: ReferenceCache | str | None = DEFAULT_CACHE,
+    callbacks: list | None = None,
+    max_grad_norm: float = MAX_GRAD_NORM,
+    verbose: bool = True,
+) -> DPOResult:
+    """Run the DPO stage of ``plan`` and save model, tokenizer and ``manifest.json`` in ``output_dir``.
+
+    The model and tokenizer come from ``parent`` (a kit SFT checkpoint, whose manifest is checked: same
+    tokenizer and template, stage ``sft``; or a Hub id / ``"bundled"``), else from ``plan.model``. Rows
+    default to ``load_rows(recipe.dataset)`` from the profile's data. Bad pairs are skipped and reported;
+    no usable pair raises :class:`~smoltulu_utils.preferences.PreferenceDataError`. The reference
+    log-probs come from the cache when their key matches (``result.reference``).
+    """
+    from .data import load_rows
+    from .models import load_model, load_tokenizer
+    from .profiles import data_mirror
+
+    recipe = plan.recipe
+    if not isinstance(recipe, DPORecipe):
+        raise DPOError(f"train_dpo needs a plan for a DPO recipe, got stage {recipe.stage!r} ({recipe.name})")
+    output_dir = Path(output_dir)
+    source = str(parent) if parent is not None else plan.model
+    folder = Path(source).expanduser()
+    is_checkpoint = folder.is_dir() and (folder / MANIFEST_NAME).is_file()
+    if tokenizer is None:
+        tokenizer = load_tokenizer(source)
+    notes: list[str] = []
+    if folder.is_dir() and (parent is not None or is_checkpoint):
+        notes += check_sft_parent(folder, tokenizer)
+    elif model is None:
+        notes.append(f"starting from {source}, not a kit SFT checkpoint: no manifest to check")
+    doctor(tokenizer).raise_for_problems()
+    if model is None:
+        model = load_model(source)
+
+    given = rows is not None
+    if rows is None:
+        rows = load_rows(
+            recipe.dataset, mirror=data_mirror(plan.profile), limit=plan.max_train_samples, validate=False
+        )
+    train_dataset, report = prepare_preference_rows(rows, tokenizer, plan.max_length, drop_too_long=False)
+    eval_dataset = None
+    if eval_rows is not None:
+        eval_dataset, eval_report = prepare_preference_rows(
+            eval_rows, tokenizer, plan.max_length, drop_too_long=False
+        )
+        notes.append(f"eval pairs: {eval_report.describe().splitlines()[0]}")
+
+    trainer = build_dpo_trainer(
+        plan,
+        model,
+        tokenizer,
+        train_dataset,
+        output_dir,
+        eval_dataset=eval_dataset,
+        reference_cache=reference_cache,
+        callbacks=callbacks,
+        max_grad_norm=max_grad_norm,
+    )
+    main = trainer.is_world_process_zero()
+    lookup = trainer.reference_lookups.get("train", {})
+    if verbose and main:
+        print(
+            f"DPO {recipe.name}: {report.describe().splitlines()[0]}\n"
+            f"  loss {recipe.loss_type} (TRL {TRL_LOSS_TYPES[recipe.loss_type]}), beta {recipe.beta:g}, "
+            f"effective batch {plan.effective_batch_size} = {plan.per_device_batch_size} x "
+            f"{plan.gradient_accumulation_steps} x {plan.num_processes}, LR {plan.learning_rate:g}; reference "
+            f"log-probs: {lookup.get('found', 'TRL precompute')} ({trainer.reference_forward_passes} forward passes)"
+        )
+    before = float(pair_rewards(trainer)["accuracy"]) if eval_dataset is not None else None
+    start = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - start
+    after = float(pair_rewards(trainer)["accuracy"]) if eval_dataset is not None else None
+    eval_loss = float(trainer.evaluate()["eval_loss"]) if eval_dataset is not None else None
+
+    history = trainer.state.log_history
+    train_loss = _history(history, "loss")
+    final = train_loss[-1][1] if train_loss else None
+    if final is not None and not math.isfinite(final):
+        notes.append(f"the final training loss is {final}: lower the learning rate")
+    result = DPOResult(
+        output_dir=output_dir,
+        steps=int(trainer.state.global_step),
+        train_loss=train_loss,
+        final_train_loss=final,
+        curves={k: _history(history, f"rewards/{k}") for k in CURVES},
+        eval_loss=eval_loss,
+        eval_accuracy=after,
+        eval_accuracy_before=before,
+        tokens_seen=int(trainer.state.num_input_tokens_seen),
+        wall_seconds=wall,
+        learning_rate=plan.learning_rate,
+        effective_batch_size=plan.effective_batch_size,
+        loss_type=recipe.loss_type,
+        reference={**lookup, "forward_passes": trainer.reference_forward_passes},
+        data_report=report,
+        notes=notes,
+    )
+    trainer.save_model(str(output_dir))
+    if main:
+        tokenizer.save_pretrained(output_dir)
+        data = {"id": recipe.dataset, "split": "train", "n_rows": report.n_kept, "given_rows": given}
+        write_manifest(
+            output_dir,
+            stage="dpo",
+            recipe=recipe,
+            data=[data],
+            tokenizer=tokenizer,
+            seed=recipe.seed,
+            parent=source if is_checkpoint or not folder.is_dir() else None,
+            extra={
+                "started_from": source,
+                "plan": plan.to_dict(),
+                "trl_loss_type": TRL_LOSS_TYPES[recipe.loss_type],
+                "steps": result.steps,
+                "final_train_loss": final,
+                "eval_accuracy": after,
+                "tokens_seen": result.tokens_seen,
+                "wall_seconds": wall,
+                "reference": result.reference,
+                "data_report": report.to_dict(),
+                "notes": notes,
+            },
+        )
+    if verbose and main:
+        acc = f", held-out accuracy {before:.2f} -> {after:.2f}" if after is not None else ""
+        print(f"  done: {result.steps} steps in {wall:.1f} s, loss {final}{acc}; saved to {output_dir}")
+    return result

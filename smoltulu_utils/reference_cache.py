@@ -1,0 +1,171 @@
+"""Reference log-probabilities on disk, computed once per (reference, data, tokenizer, length) key.
+
+DPO compares the policy's log-probabilities of each chosen and rejected reply with a frozen reference
+model's. The reference values never change during a run, nor between the runs of a learning-rate or
+batch-size sweep that start from the same checkpoint on the same data, so the kit computes them in one
+pass, saves them here, and every later run with the same key reads them instead of loading and running
+the reference model. TRL's own ``precompute_ref_log_probs`` caches in the ``datasets`` cache, keyed by
+a fingerprint that an in-memory dataset does not keep from one process to the next, and trusts
+whatever file it finds; this module is written by hand to give a stable key, an integrity check and a
+clear rebuild.
+
+The key is a SHA-256 over:
+
+- the reference weights (TRL's ``hash_module``: every tensor's dtype and bytes), so a retrained or
+  re-downloaded checkpoint under the same name is a new key;
+- the tokenized data (every pair's prompt, chosen and rejected token ids, in order);
+- the tokenizer and chat template (:func:`~smoltulu_utils.chat_template.template_fingerprint`);
+- the maximum length and truncation, and what else changes the numbers (dtype, TRL's ``ld_alpha``).
+
+A file is ``<key>.safetensors`` with the two tensors and, in its metadata, the key's parts, the row
+count and a SHA-256 of the tensors' bytes. A file that does not open, whose key, row count or checksum
+do not match, or that holds a non-finite value is reported, removed and recomputed, never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .atomic import atomic_open
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+
+def data_fingerprint(rows: Iterable[Mapping[str, Any]], columns: Iterable[str] = ID_COLUMNS) -> str:
+    """SHA-256 over the token ids of every row, in order (the lengths are hashed too, so no two differ)."""
+    columns = tuple(columns)
+    digest = hashlib.sha256()
+    n = 0
+    for row in rows:
+        for column in columns:
+            ids = row[column]
+            digest.update(f"{column}:{len(ids)}:".encode())
+            digest.update(torch.as_tensor(ids, dtype=torch.int64).numpy().tobytes())
+        n += 1
+    digest.update(f"rows:{n}".encode())
+    return digest.hexdigest()
+
+
+def cache_key(parts: Mapping[str, Any]) -> str:
+    """The cache key of some key parts (any JSON-able mapping): a SHA-256 of their canonical JSON."""
+    text = json.dumps({"format": FORMAT_VERSION, **parts}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _tensor_digest(chosen: torch.Tensor, rejected: torch.Tensor) -> str:
+    digest = hashlib.sha256()
+    for tensor in (chosen, rejected):
+        digest.update(tensor.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class Lookup:
+    """What a cache lookup found: the values (None on a miss) and why it missed."""
+
+    chosen: torch.Tensor | None
+    rejected: torch.Tensor | None
+    path: Path
+    reason: str  # "hit", "missing", or what was wrong with the file
+
+    @property
+    def hit(self) -> bool:
+        return self.chosen is not None
+
+
+class ReferenceCache:
+    """A folder of reference log-prob files, one per key (default: ``<cache_dir>/reference_logps``)."""
+
+    def __init__(self, directory: str | os.PathLike | None = None):
+        if directory is None:
+            from .paths import cache_dir
+
+            directory = cache_dir() / "reference_logps"
+        self.directory = Path(directory)
+
+    def path(self, key: str) -> Path:
+        """Where the file of ``key`` lives."""
+        return self.directory / f"{key}.safetensors"
+
+    def load(self, key: str, n_rows: int) -> Lookup:
+        """The cached values of ``key``, checked; a bad file is removed and reported as a miss."""
+        from safetensors import safe_open
+
+        path = self.path(key)
+        if not path.is_file():
+            return Lookup(None, None, path, "missing")
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata() or {}
+                chosen, rejected = fh.get_tensor("chosen"), fh.get_tensor("rejected")
+            problem = None
+            if meta.get("key") != key:
+                problem = "it was written for another key"
+            elif (
+                int(meta.get("n_rows", -1)) != n_rows
+                or chosen.shape != (n_rows,)
+                or rejected.shape != (n_rows,)
+            ):
+                problem = f"it holds {chosen.shape[0]} rows, the data has {n_rows}"
+            elif meta.get("sha256") != _tensor_digest(chosen, rejected):
+                problem = "its checksum does not match its contents"
+            elif not (torch.isfinite(chosen).all() and torch.isfinite(rejected).all()):
+                problem = "it holds a non-finite log-probability"
+        except Exception as exc:  # a truncated or overwritten file: safetensors cannot parse it
+            problem = (
+                f"it cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+            )
+        if problem is not None:
+            log.warning("reference log-prob cache %s is corrupt: %s; recomputing it", path, problem)
+            path.unlink(missing_ok=True)
+            return Lookup(None, None, path, f"corrupt: {problem}")
+        return Lookup(chosen, rejected, path, "hit")
+
+    def save(self, key: str, chosen: torch.Tensor, rejected: torch.Tensor, parts: Mapping[str, Any]) -> Path:
+        """Write the values of ``key`` atomically, with the key parts and a checksum in the metadata."""
+        from safetensors.torch import save
+
+        chosen = chosen.detach().to(torch.float32).contiguous().cpu()
+        rejected = rejected.detach().to(torch.float32).contiguous().cpu()
+        meta = {
+            "key": key,
+            "n_rows": str(int(chosen.shape[0])),
+            "sha256": _tensor_digest(chosen, rejected),
+            "parts": json.dumps(dict(parts), sort_keys=True, default=str),
+        }
+        path = self.path(key)
+        with atomic_open(path, "wb") as fh:
+            fh.write(save({"chosen": chosen, "rejected": rejected}, metadata=meta))
+        return path
+
+    def entries(self) -> list[dict[str, Any]]:
+        """Every file in the cache with its key parts and row count (unreadable files are skipped)."""
+        from safetensors import safe_open
+
+        out = []
+        for path in sorted(self.directory.glob("*.safetensors")):
+            try:
+                with safe_open(str(path), framework="pt") as fh:
+                    meta = fh.metadata() or {}
+                out.append(
+                    {
+                        "path": path,
+                        "n_rows": int(meta.get("n_rows", 0)),
+                        **json.loads(meta.get("parts", "{}")),
+                    }
+                )
+            except Exception:  # noqa: BLE001 - listed files only
+                continue
+        return out
