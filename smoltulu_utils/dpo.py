@@ -49,6 +49,7 @@ from trl import DPOTrainer
 
 from .chat_template import doctor, template_fingerprint
 from .errors import KitError
+from .lm_head import use_plain_lm_head
 from .manifest import MANIFEST_NAME, check_parent, read_manifest, write_manifest
 from .preferences import PreferenceDataReport, prepare_preference_rows
 from .recipes import DPORecipe
@@ -131,6 +132,11 @@ class KitDPOTrainer(DPOTrainer):
         self.reference_forward_passes = 0
         self.reference_lookups: dict[str, dict[str, Any]] = {}
         super().__init__(*args, **kwargs)
+        self._plain_head_on_cpu()
+
+    def _plain_head_on_cpu(self) -> None:
+        if not torch.cuda.is_available():  # TRL's tiled LM head is slow on a CPU (smoltulu_utils.lm_head)
+            use_plain_lm_head(self.model)
 
     def compute_ref_log_probs(self, model, inputs):
         self.reference_forward_passes += 1
@@ -153,6 +159,7 @@ class KitDPOTrainer(DPOTrainer):
         }
 
     def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
+        self._plain_head_on_cpu()  # the reference pass runs inside TRL's __init__
         if self.reference_cache is None:
             return super()._precompute_ref_logps(dataset, name, batch_size)
         from accelerate.utils import broadcast_object_list

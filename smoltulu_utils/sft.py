@@ -19,8 +19,8 @@ What is written by hand, because neither TRL nor transformers offers it:
   truncation) are skipped and reported with their index and reason instead of stopping the run.
 - **The loss reduction** (:class:`TuluSFTTrainer`). TRL averages the token losses over the effective
   batch; Tulu 3 sums them.
-- **The loss on a CPU** (:meth:`TuluSFTTrainer._logits_loss`): TRL's chunked LM-head loss saves GPU
-  memory but is several times slower than the plain LM head and one cross-entropy on a CPU, so the kit
+- **The LM head on a CPU** (:mod:`~smoltulu_utils.lm_head`): TRL's chunked LM-head loss saves GPU
+  memory but is several times slower than the plain LM head and one log-softmax on a CPU, so the kit
   uses the latter there (same loss and gradient).
 - The run's bookkeeping: the per-token loss history, trained-token count, manifest and parent checks.
 
@@ -84,6 +84,7 @@ from trl import SFTTrainer
 
 from .chat_template import ChatTemplateError, assistant_token_mask, doctor
 from .errors import KitError
+from .lm_head import use_plain_lm_head
 from .manifest import MANIFEST_NAME, check_parent, write_manifest
 from .packed_attention import restore_attention, use_packed_attention
 from .recipes import SFTRecipe
@@ -301,6 +302,8 @@ class TuluSFTTrainer(SFTTrainer):
         self._tokens_since_log: list[float] = []
         self._eval_totals = [0.0, 0.0]
         super().__init__(*args, **kwargs)
+        if not self.fused_lm_head:
+            use_plain_lm_head(self.model)
         if loss_reduction == "sum":
             # The summed loss is never divided by the accumulation steps, whoever counted the tokens.
             self.loss_is_scaled_for_ga = True
@@ -321,12 +324,9 @@ class TuluSFTTrainer(SFTTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.get("labels")
         local = (labels[..., 1:] != IGNORE_INDEX).sum() if labels is not None else None
-        if self.fused_lm_head or labels is None:
-            result = super().compute_loss(
-                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-            )
-        else:
-            result = self._logits_loss(model, inputs, local, return_outputs, num_items_in_batch)
+        result = super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
         loss, outputs = result if return_outputs else (result, None)
         if not self.model.training:  # evaluation: TRL's per-batch mean; keep token-weighted totals
             if local is not None:
@@ -339,39 +339,6 @@ class TuluSFTTrainer(SFTTrainer):
                 loss = loss * num_items_in_batch
             elif local is not None:  # TRL divided by this micro-batch's own count
                 loss = loss * local * self.accelerator.num_processes
-        return (loss, outputs) if return_outputs else loss
-
-    def _logits_loss(self, model, inputs, local, return_outputs, num_items_in_batch):
-        """TRL's mean token loss from the full logits: the plain LM head and one cross-entropy.
-
-        TRL computes the loss with a chunked, fused LM head that never holds all the logits: the right
-        trade on a GPU, where the logits of a long batch take gigabytes, but several times slower than
-        one matmul and one cross-entropy on a CPU. Same value and gradient (``tests/test_sft.py``), same
-        ``num_tokens`` and ``mean_token_accuracy`` logs; TRL's entropy metric is not computed here.
-        """
-        mode = "train" if model.training else "eval"
-        labels = inputs["labels"]
-        outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False)
-        logits, targets = outputs.logits[:, :-1], labels[:, 1:]
-        nll = torch.nn.functional.cross_entropy(
-            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
-        count = local if num_items_in_batch is None else num_items_in_batch
-        loss = nll / torch.as_tensor(count).clamp(min=1)
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * self.accelerator.num_processes  # DDP averages the gradients over processes
-        with torch.no_grad():
-            trained = targets != IGNORE_INDEX
-            correct = (logits.argmax(-1) == targets) & trained
-            n_valid = self.accelerator.gather_for_metrics(trained.sum()).sum()
-            n_correct = self.accelerator.gather_for_metrics(correct.sum()).sum()
-            accuracy = (n_correct / n_valid).item() if n_valid > 0 else 0.0
-            self._metrics[mode]["mean_token_accuracy"].append(accuracy)
-            if mode == "train":
-                mask = inputs.get("attention_mask")
-                seen = mask.sum() if mask is not None else torch.tensor(labels.numel(), device=labels.device)
-                self._total_train_tokens += int(self.accelerator.gather_for_metrics(seen).sum())
-            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -532,3 +532,17 @@ def test_dpo_sweep_trains_cells_and_reads_the_reference_from_the_cache(tmp_path)
                  for c in cells]  # fmt: skip
     second = manifests[1]["extra"]["reference"]
     assert second["found"] == "hit" and second["forward_passes"] == 0
+
+
+def test_rm_sweep_trains_a_cell_through_train_rm(tmp_path):
+    from smoltulu_utils.sweep import PAIR_ACCURACY
+
+    cells = [
+        c for c in load_grid("ablation_rm_135m", "smoke") if c.effective_batch_size == 4 and c.lr == 1e-4
+    ]
+    store = ResultsStore(tmp_path / "results.jsonl")
+    report = run_sweep(cells, store=store, progress=False)
+    assert report.ok and report.completed == [cells[0].run_id]
+    frame = sweep_frame(store, stage="rm")
+    assert set(frame["metric"]) == {"eval_loss", PAIR_ACCURACY}
+    assert frame["value"].between(0, 10).all() and frame["steps"].eq(3).all()
