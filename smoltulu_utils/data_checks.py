@@ -203,6 +203,60 @@ class RowProblem:
         return f"{self.dataset} row {self.index}: {self.reason}"
 
 
+#: How many skipped rows a report's text or a manifest lists by index (the count is always complete).
+SHOWN_SKIPS = 20
+
+
+@dataclass(frozen=True)
+class SkippedRow:
+    """A row a stage left out of training: its position in the input and why."""
+
+    index: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"row {self.index}: {self.reason}"
+
+
+class SkipReport:
+    """What the data reports of the training stages share: the rows they skipped, counted and listed.
+
+    A stage's report (a dataclass with a ``skipped: list[SkippedRow]`` field) inherits this for the
+    counts, the per-reason tally, the listing under its summary line, and its manifest form.
+    """
+
+    skipped: list[SkippedRow]
+
+    @property
+    def n_skipped(self) -> int:
+        return len(self.skipped)
+
+    def reasons(self) -> dict[str, int]:
+        """Skipped rows counted by reason (the reason's text before any colon)."""
+        counts: dict[str, int] = {}
+        for row in self.skipped:
+            key = row.reason.split(":")[0]
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def skipped_lines(self) -> list[str]:
+        """``skipped row N: reason`` for the first ``SHOWN_SKIPS`` rows, then how many more."""
+        lines = [f"  skipped {row}" for row in self.skipped[:SHOWN_SKIPS]]
+        if self.n_skipped > SHOWN_SKIPS:
+            lines.append(f"  ... and {self.n_skipped - SHOWN_SKIPS} more")
+        return lines
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for a manifest (skipped rows listed up to ``SHOWN_SKIPS``, counted in full)."""
+        import dataclasses
+
+        out = dataclasses.asdict(self)
+        out["skipped"] = [dataclasses.asdict(s) for s in self.skipped[:SHOWN_SKIPS]]
+        out["n_skipped"] = self.n_skipped
+        out["skipped_by_reason"] = self.reasons()
+        return out
+
+
 class DataError(KitError, ValueError):
     """Rows that fail their schema's checks; ``problems`` lists every one."""
 

@@ -54,6 +54,7 @@ from .manifest import MANIFEST_NAME, check_parent, read_manifest, write_manifest
 from .preferences import PreferenceDataReport, prepare_preference_rows
 from .recipes import DPORecipe
 from .reference_cache import ReferenceCache, cache_key, data_fingerprint
+from .training import data_entry, log_history, trainer_settings
 
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
@@ -87,35 +88,14 @@ def dpo_config(
     from trl import DPOConfig
 
     recipe = plan.recipe
-    settings: dict[str, Any] = {
-        "output_dir": str(output_dir),
-        "per_device_train_batch_size": plan.per_device_batch_size,
-        "per_device_eval_batch_size": plan.per_device_batch_size,
-        "gradient_accumulation_steps": plan.gradient_accumulation_steps,
-        "learning_rate": plan.learning_rate,
-        "lr_scheduler_type": recipe.lr_scheduler,
-        "warmup_steps": recipe.warmup_ratio,  # transformers 5: a float below 1 is a ratio of the steps
-        "weight_decay": recipe.weight_decay,
-        "num_train_epochs": recipe.num_epochs,
-        "max_steps": plan.max_steps if plan.max_steps else -1,
+    settings = trainer_settings(plan, output_dir, max_grad_norm=max_grad_norm)
+    settings.update({
         "max_length": plan.max_length,
         "beta": recipe.beta,
         "loss_type": [TRL_LOSS_TYPES[recipe.loss_type]],
         "precompute_ref_log_probs": True,
-        "seed": recipe.seed,
-        "bf16": plan.dtype == "bf16",
-        "fp16": plan.dtype == "fp16",
-        "use_cpu": not torch.cuda.is_available(),
-        "gradient_checkpointing": plan.gradient_checkpointing,
-        "max_grad_norm": max_grad_norm,
-        "report_to": plan.report_to,
-        "logging_steps": 1,
-        "logging_nan_inf_filter": False,
         "include_num_input_tokens_seen": "non_padding",
-        "disable_tqdm": False,
-        "save_strategy": "no",
-        "eval_strategy": "no",
-    }
+    })  # fmt: skip
     settings.update(overrides)
     return DPOConfig(**settings)
 
@@ -300,10 +280,6 @@ class DPOResult:
         return out
 
 
-def _history(history: list[dict], key: str) -> list[tuple[int, float]]:
-    return [(int(h["step"]), float(h[key])) for h in history if key in h and "step" in h]
-
-
 def check_sft_parent(folder: Path, tokenizer: Any) -> list[str]:
     """Check a parent checkpoint folder for DPO: kit manifest, same tokenizer/template, an SFT stage."""
     notes = []
@@ -405,7 +381,7 @@ def train_dpo(
     eval_loss = float(trainer.evaluate()["eval_loss"]) if eval_dataset is not None else None
 
     history = trainer.state.log_history
-    train_loss = _history(history, "loss")
+    train_loss = log_history(history, "loss")
     final = train_loss[-1][1] if train_loss else None
     if final is not None and not math.isfinite(final):
         notes.append(f"the final training loss is {final}: lower the learning rate")
@@ -414,7 +390,7 @@ def train_dpo(
         steps=int(trainer.state.global_step),
         train_loss=train_loss,
         final_train_loss=final,
-        curves={k: _history(history, f"rewards/{k}") for k in CURVES},
+        curves={k: log_history(history, f"rewards/{k}") for k in CURVES},
         eval_loss=eval_loss,
         eval_accuracy=after,
         eval_accuracy_before=before,
@@ -430,7 +406,7 @@ def train_dpo(
     trainer.save_model(str(output_dir))
     if main:
         tokenizer.save_pretrained(output_dir)
-        data = {"id": recipe.dataset, "split": "train", "n_rows": report.n_kept, "given_rows": given}
+        data = data_entry(plan, report, given, "train_dpo")
         write_manifest(
             output_dir,
             stage="dpo",

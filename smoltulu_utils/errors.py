@@ -8,3 +8,16 @@ catches ``KitError`` and prints the message, which always names the problem and 
 
 class KitError(Exception):
     """Bad input or a missing resource, explained in the message (what is wrong and how to fix it)."""
+
+
+class FileKeyError(KitError, ValueError):
+    """A bad value in a YAML file: the message names the file, the key, the problem and the fix."""
+
+    #: Shown in place of the file name when there is none (an in-memory recipe or grid).
+    unnamed = "<file>"
+
+    def __init__(self, file: object | None, key: str | None, problem: str, fix: str = ""):
+        self.file = str(file) if file else self.unnamed
+        self.key = key
+        where = f"{self.file}: key '{key}'" if key else self.file
+        super().__init__(f"{where}: {problem}" + (f" Fix: {fix}" if fix else ""))

@@ -27,12 +27,12 @@ pair, raises :class:`PreferenceDataError`.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .data_checks import SkippedRow, SkipReport
 from .errors import KitError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -42,8 +42,6 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
-#: How many skipped rows a log message or a manifest lists by index (the count is always complete).
-SHOWN_SKIPS = 20
 
 
 class PreferenceDataError(KitError, ValueError):
@@ -54,19 +52,8 @@ class PreferenceDataError(KitError, ValueError):
         super().__init__(message)
 
 
-@dataclass(frozen=True)
-class SkippedRow:
-    """A row left out: its position in the input and why."""
-
-    index: int
-    reason: str
-
-    def __str__(self) -> str:
-        return f"row {self.index}: {self.reason}"
-
-
 @dataclass
-class PreferenceDataReport:
+class PreferenceDataReport(SkipReport):
     """What :func:`prepare_preference_rows` kept and skipped.
 
     ``kept_indices[i]`` is the input position of output row ``i`` (to join per-row fields such as a
@@ -83,18 +70,6 @@ class PreferenceDataReport:
     kept_indices: list[int] = field(default_factory=list)
     skipped: list[SkippedRow] = field(default_factory=list)
 
-    @property
-    def n_skipped(self) -> int:
-        return len(self.skipped)
-
-    def reasons(self) -> dict[str, int]:
-        """Skipped rows counted by reason (the reason's text before any colon)."""
-        counts: dict[str, int] = {}
-        for row in self.skipped:
-            key = row.reason.split(":")[0]
-            counts[key] = counts.get(key, 0) + 1
-        return counts
-
     def describe(self) -> str:
         """One summary line, then the skipped rows by index (the first ``SHOWN_SKIPS``)."""
         limit = f"max length {self.max_length}" if self.max_length else "no length limit"
@@ -104,18 +79,12 @@ class PreferenceDataReport:
             f"{self.chosen_tokens} chosen + {self.rejected_tokens} rejected tokens, longest {self.longest}); "
             f"{self.n_skipped} skipped"
         ]
-        lines += [f"  skipped {row}" for row in self.skipped[:SHOWN_SKIPS]]
-        if self.n_skipped > SHOWN_SKIPS:
-            lines.append(f"  ... and {self.n_skipped - SHOWN_SKIPS} more")
-        return "\n".join(lines)
+        return "\n".join(lines + self.skipped_lines())
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values for a manifest (skipped rows listed up to ``SHOWN_SKIPS``, counted in full)."""
-        out = dataclasses.asdict(self)
+        out = super().to_dict()
         out.pop("kept_indices")
-        out["skipped"] = [dataclasses.asdict(s) for s in self.skipped[:SHOWN_SKIPS]]
-        out["n_skipped"] = self.n_skipped
-        out["skipped_by_reason"] = self.reasons()
         return out
 
 

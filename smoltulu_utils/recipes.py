@@ -26,7 +26,7 @@ from typing import Any, ClassVar, get_type_hints
 
 import yaml
 
-from .errors import KitError
+from .errors import FileKeyError
 from .paths import RECIPES_DIR
 
 DATASETS = ("tulu3_sft", "tulu3_preference", "rlvr_mixed")
@@ -37,14 +37,10 @@ DPO_LOSS_TYPES = ("dpo", "dpo_norm")
 SOURCE_TAGS = ("Table 2", "Table 5", "Table 7", "Tulu 3", "model card", "kit choice")
 
 
-class RecipeError(KitError, ValueError):
+class RecipeError(FileKeyError):
     """A recipe that cannot be used; the message names the file, the key and the fix."""
 
-    def __init__(self, file: str | Path | None, key: str | None, problem: str, fix: str = ""):
-        self.file = str(file) if file else "<recipe>"
-        self.key = key
-        where = f"{self.file}: key '{key}'" if key else self.file
-        super().__init__(f"{where}: {problem}" + (f" Fix: {fix}" if fix else ""))
+    unnamed = "<recipe>"
 
 
 def _closest(word: str, choices) -> str:

@@ -73,6 +73,7 @@ from .errors import KitError
 from .manifest import MANIFEST_NAME, check_parent, write_manifest
 from .preferences import PreferenceDataReport, prepare_preference_rows
 from .recipes import RMRecipe
+from .training import data_entry, log_history, trainer_settings
 
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
@@ -612,32 +613,8 @@ def rm_config(
     """
     from trl import RewardConfig
 
-    recipe = plan.recipe
-    settings: dict[str, Any] = {
-        "output_dir": str(output_dir),
-        "per_device_train_batch_size": plan.per_device_batch_size,
-        "per_device_eval_batch_size": plan.per_device_batch_size,
-        "gradient_accumulation_steps": plan.gradient_accumulation_steps,
-        "learning_rate": plan.learning_rate,
-        "lr_scheduler_type": recipe.lr_scheduler,
-        "warmup_steps": recipe.warmup_ratio,  # transformers 5: a float below 1 is a ratio of the steps
-        "weight_decay": recipe.weight_decay,
-        "num_train_epochs": recipe.num_epochs,
-        "max_steps": plan.max_steps if plan.max_steps else -1,
-        "max_length": plan.max_length,
-        "seed": recipe.seed,
-        "bf16": plan.dtype == "bf16",
-        "fp16": plan.dtype == "fp16",
-        "use_cpu": not torch.cuda.is_available(),
-        "gradient_checkpointing": plan.gradient_checkpointing,
-        "max_grad_norm": max_grad_norm,
-        "report_to": plan.report_to,
-        "logging_steps": 1,
-        "logging_nan_inf_filter": False,  # a diverging run must show its NaN/inf loss, not hide it
-        "disable_tqdm": False,
-        "save_strategy": "no",
-        "eval_strategy": "no",
-    }
+    settings = trainer_settings(plan, output_dir, max_grad_norm=max_grad_norm)
+    settings["max_length"] = plan.max_length
     settings.update(overrides)
     return RewardConfig(**settings)
 
@@ -709,28 +686,6 @@ class RMResult:
         out["data_report"] = self.data_report.to_dict() if self.data_report else None
         out.pop("eval_scores")
         return out
-
-
-def _data_entry(recipe: RMRecipe, plan: Plan, report: PreferenceDataReport, given: bool) -> dict[str, Any]:
-    from .data import get_spec
-    from .profiles import data_mirror
-
-    spec = get_spec(recipe.dataset)
-    mirror = None if given else data_mirror(plan.profile)
-    return {
-        "id": spec.hub_id,
-        "revision": None if given or mirror is not None else spec.revision,
-        "split": "train",
-        "n_rows": report.n_kept,
-        "source": "rows passed to train_rm" if given else (str(mirror) if mirror else "hub"),
-        "rows_read": report.n_rows,
-        "rows_skipped": report.n_skipped,
-        "max_train_samples": None if given else plan.max_train_samples,
-    }
-
-
-def _history(log_history: list[dict], key: str) -> list[tuple[int, float]]:
-    return [(int(e["step"]), float(e[key])) for e in log_history if key in e and "step" in e]
 
 
 def _method(plan: Plan, peft_config: Any, model_given: bool):
@@ -849,11 +804,11 @@ def train_rm(
     if eval_list is not None:
         eval_scores = score_preferences(trained, tokenizer, eval_list, max_length=plan.max_length)
     history = trainer.state.log_history
-    train_loss = _history(history, "loss")
+    train_loss = log_history(history, "loss")
     final = train_loss[-1][1] if train_loss else None
     if final is not None and not math.isfinite(final):
         notes.append(f"the final training loss is {final}: lower the learning rate")
-    tokens = _history(history, "num_tokens")
+    tokens = log_history(history, "num_tokens")
     result = RMResult(
         output_dir=output_dir,
         steps=int(trainer.state.global_step),
@@ -867,7 +822,7 @@ def train_rm(
         learning_rate=plan.learning_rate,
         effective_batch_size=plan.effective_batch_size,
         method=method,
-        train_accuracy=_history(history, "accuracy"),
+        train_accuracy=log_history(history, "accuracy"),
         data_report=report,
         eval_scores=eval_scores,
         notes=notes,
@@ -880,7 +835,7 @@ def train_rm(
             output_dir,
             stage="rm",
             recipe=recipe,
-            data=[_data_entry(recipe, plan, report, given)],
+            data=[data_entry(plan, report, given, "train_rm")],
             tokenizer=tokenizer,
             seed=recipe.seed,
             parent=source if is_checkpoint or not folder.is_dir() else None,

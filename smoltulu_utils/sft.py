@@ -83,11 +83,13 @@ import torch
 from trl import SFTTrainer
 
 from .chat_template import ChatTemplateError, assistant_token_mask, doctor
+from .data_checks import SkippedRow, SkipReport
 from .errors import KitError
 from .lm_head import use_plain_lm_head
 from .manifest import MANIFEST_NAME, check_parent, write_manifest
 from .packed_attention import restore_attention, use_packed_attention
 from .recipes import SFTRecipe
+from .training import data_entry, log_history, trainer_settings
 
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
@@ -107,7 +109,6 @@ PADDING_FREE_ATTENTION = ("sdpa", "sdpa_packed", "eager", "flash_attention_2", "
 #: No gradient clipping (Tulu 3: open-instruct's clip_grad_norm default is -1, off; see the module docstring).
 MAX_GRAD_NORM = 0.0
 #: How many skipped rows a log message or a manifest lists by index (the count is always complete).
-SHOWN_SKIPS = 20
 
 
 class SFTError(KitError, ValueError):
@@ -117,19 +118,8 @@ class SFTError(KitError, ValueError):
 # ======================================================================================================
 # Rows -> token ids and assistant masks
 # ======================================================================================================
-@dataclass(frozen=True)
-class SkippedRow:
-    """A row left out of training: its position in the input and why."""
-
-    index: int
-    reason: str
-
-    def __str__(self) -> str:
-        return f"row {self.index}: {self.reason}"
-
-
 @dataclass
-class SFTDataReport:
+class SFTDataReport(SkipReport):
     """What :func:`prepare_sft_rows` kept and skipped."""
 
     n_rows: int
@@ -140,34 +130,12 @@ class SFTDataReport:
     max_length: int
     skipped: list[SkippedRow] = field(default_factory=list)
 
-    @property
-    def n_skipped(self) -> int:
-        return len(self.skipped)
-
-    def reasons(self) -> dict[str, int]:
-        """Skipped rows counted by reason (the reason's text before any colon)."""
-        counts: dict[str, int] = {}
-        for row in self.skipped:
-            key = row.reason.split(":")[0]
-            counts[key] = counts.get(key, 0) + 1
-        return counts
-
     def describe(self) -> str:
         lines = [
             f"{self.n_kept} of {self.n_rows} rows kept ({self.n_truncated} truncated to {self.max_length} "
             f"tokens), {self.trained_tokens} of {self.total_tokens} tokens trained; {self.n_skipped} skipped"
         ]
-        lines += [f"  skipped {row}" for row in self.skipped[:SHOWN_SKIPS]]
-        if self.n_skipped > SHOWN_SKIPS:
-            lines.append(f"  ... and {self.n_skipped - SHOWN_SKIPS} more")
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["skipped"] = [dataclasses.asdict(s) for s in self.skipped[:SHOWN_SKIPS]]
-        out["n_skipped"] = self.n_skipped
-        out["skipped_by_reason"] = self.reasons()
-        return out
+        return "\n".join(lines + self.skipped_lines())
 
 
 def _conversation_problem(row: Any) -> str | None:
@@ -411,34 +379,14 @@ def sft_config(
     """
     from trl import SFTConfig
 
-    recipe = plan.recipe
-    settings: dict[str, Any] = {
-        "output_dir": str(output_dir),
-        "per_device_train_batch_size": plan.per_device_batch_size,
-        "per_device_eval_batch_size": plan.per_device_batch_size,
-        "gradient_accumulation_steps": plan.gradient_accumulation_steps,
-        "learning_rate": plan.learning_rate,
-        "lr_scheduler_type": recipe.lr_scheduler,
-        "warmup_steps": recipe.warmup_ratio,  # transformers 5: a float below 1 is a ratio of the steps
-        "weight_decay": recipe.weight_decay,
-        "num_train_epochs": recipe.num_epochs,
-        "max_steps": plan.max_steps if plan.max_steps else -1,
-        "max_length": None if padding_free else plan.max_length,
-        "padding_free": padding_free,
-        "packing": False,
-        "seed": recipe.seed,
-        "bf16": plan.dtype == "bf16",
-        "fp16": plan.dtype == "fp16",
-        "use_cpu": not torch.cuda.is_available(),
-        "gradient_checkpointing": plan.gradient_checkpointing,
-        "max_grad_norm": max_grad_norm,
-        "report_to": plan.report_to,
-        "logging_steps": 1,
-        "logging_nan_inf_filter": False,  # a diverging run must show its NaN/inf loss, not hide it
-        "disable_tqdm": False,
-        "save_strategy": "no",
-        "eval_strategy": "no",
-    }
+    settings = trainer_settings(plan, output_dir, max_grad_norm=max_grad_norm)
+    settings.update(
+        {
+            "max_length": None if padding_free else plan.max_length,
+            "padding_free": padding_free,
+            "packing": False,
+        }
+    )
     settings.update(overrides)
     return SFTConfig(**settings)
 
@@ -574,28 +522,6 @@ def training_method(plan: Plan, peft_config: Any = None, model_given: bool = Fal
     return TrainingMethod("qlora", lora_config(), {"quantization_config": quantization}, notes)
 
 
-def _data_entry(recipe: SFTRecipe, plan: Plan, report: SFTDataReport, given: bool) -> dict[str, Any]:
-    from .data import get_spec
-    from .profiles import data_mirror
-
-    spec = get_spec(recipe.dataset)
-    mirror = None if given else data_mirror(plan.profile)
-    return {
-        "id": spec.hub_id,
-        "revision": None if given or mirror is not None else spec.revision,
-        "split": "train",
-        "n_rows": report.n_kept,
-        "source": "rows passed to train_sft" if given else (str(mirror) if mirror else "hub"),
-        "rows_read": report.n_rows,
-        "rows_skipped": report.n_skipped,
-        "max_train_samples": None if given else plan.max_train_samples,
-    }
-
-
-def _history(log_history: list[dict], key: str) -> list[tuple[int, float]]:
-    return [(int(e["step"]), float(e[key])) for e in log_history if key in e and "step" in e]
-
-
 def train_sft(
     plan: Plan,
     output_dir: str | Path,
@@ -703,7 +629,7 @@ def train_sft(
     restore_attention(model, trainer.attention_before)  # the trained model leaves as it came
     trainer.attention_before = None
     history = trainer.state.log_history
-    train_loss = _history(history, "loss_per_token")
+    train_loss = log_history(history, "loss_per_token")
     final = train_loss[-1][1] if train_loss else None
     result = SFTResult(
         output_dir=output_dir,
@@ -718,7 +644,7 @@ def train_sft(
         loss_reduction=recipe.loss_reduction,
         padding_free=padding_free,
         method=method,
-        objective=_history(history, "loss"),
+        objective=log_history(history, "loss"),
         data_report=report,
         notes=notes,
     )
@@ -732,7 +658,7 @@ def train_sft(
             output_dir,
             stage="sft",
             recipe=recipe,
-            data=[_data_entry(recipe, plan, report, given)],
+            data=[data_entry(plan, report, given, "train_sft")],
             tokenizer=tokenizer,
             seed=recipe.seed,
             parent=source if is_checkpoint or not folder.is_dir() else None,

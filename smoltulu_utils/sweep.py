@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from tqdm.auto import tqdm
 
-from .errors import KitError
+from .errors import FileKeyError
 from .paths import RECIPES_DIR, runs_dir
 from .recipes import DPORecipe, Recipe, RecipeError, RMRecipe, SFTRecipe, recipe_from_dict
 from .results import ResultsStore
@@ -80,14 +80,10 @@ _SIZE_KEYS = ("max_steps", "max_length", "max_train_samples", "eval_limit")
 _GRID_SET_KEYS = ("learning_rate", "effective_batch_size", "seed")
 
 
-class SweepError(KitError, ValueError):
+class SweepError(FileKeyError):
     """A sweep grid or cell that cannot be used; the message names the file, the key and the fix."""
 
-    def __init__(self, file: str | Path | None, key: str | None, problem: str, fix: str = ""):
-        self.file = str(file) if file else "<grid>"
-        self.key = key
-        where = f"{self.file}: key '{key}'" if key else self.file
-        super().__init__(f"{where}: {problem}" + (f" Fix: {fix}" if fix else ""))
+    unnamed = "<grid>"
 
 
 def lower_is_better(metric: str) -> bool:
