@@ -45,6 +45,8 @@ RECIPE_PAPER_MODELS = {
     "rm_1130": "SmolTulu RM-1130",
     "rm_1207": "SmolTulu RM-1207",
 }
+#: Checkpoint stages that are language models the benchmarks score (a reward model is not one).
+GENERATIVE_STAGES = ("sft", "dpo", "rlvr", None)
 #: Names of the kit's model keywords in result rows.
 KEYWORD_NAMES = {"bundled": "SmolLM2-135M-Instruct (bundled)", "tiny": "tiny SmolLM2 (random)"}
 
@@ -237,7 +239,8 @@ def _default_name(model: Any) -> str:
 def find_checkpoints(root: str | Path | None = None, store: Any = None) -> list[Path]:
     """Stage checkpoints (folders holding a ``manifest.json``) under ``root`` (default ``runs_dir()``).
 
-    The cells of a learning-rate sweep (``runs/sweeps/``) are left out: the sweep scores them itself.
+    The cells of a learning-rate sweep (``runs/sweeps/``) are left out: the sweep scores them itself;
+    so are reward models (their benchmarks are RewardBench and UltraFeedback, notebook 04).
     Given a results ``store``, checkpoints that already have evaluation rows there are left out too,
     so a notebook evaluates only what no earlier notebook did.
     """
@@ -247,9 +250,19 @@ def find_checkpoints(root: str | Path | None = None, store: Any = None) -> list[
     if not root.is_dir():
         return []
     found = sorted(p.parent for p in root.rglob("manifest.json") if "sweeps" not in p.relative_to(root).parts)
+    found = [p for p in found if _manifest_stage(p) in GENERATIVE_STAGES]
     if store is not None:
         found = [p for p in found if not store.has(stage="eval", model=str(p))]
     return found
+
+
+def _manifest_stage(folder: Path) -> str | None:
+    from .manifest import read_manifest
+
+    try:
+        return read_manifest(folder).get("stage")
+    except KitError:  # an unreadable manifest: let evaluate() report it
+        return None
 
 
 def paper_model_for(source: str | Path) -> str | None:

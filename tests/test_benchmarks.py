@@ -81,3 +81,17 @@ def test_dpo_reference_cache_counts_reference_passes(tmp_path):
     assert saved["kit_cached"]["reference_forward_passes"] == 0 and saved["kit_cached"]["reference"] == "hit"
     assert saved["second_run_reference_passes"] == 0
     assert saved["step_time_ratio"] > 0 and saved["peak_memory_ratio"] > 0
+
+
+def test_rlvr_iteration_writes_the_phase_split(tmp_path):
+    script = _load_script("rlvr_iteration")
+    out = tmp_path / "rlvr_iteration.json"
+    argv = ["--model", "tiny", "--batch", "2", "--response-length", "4", "--iterations", "1"]
+    report = script.main([*argv, "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(report))
+    assert set(saved["phases_s"]) == {"generation_s", "scoring_s", "forward_s", "optimisation_s"}
+    assert all(v >= 0 for v in saved["phases_s"].values()) and saved["iteration_s"] > 0
+    assert saved["tokens_generated"] == 2 * 4  # a random tiny model never ends its responses
+    assert saved["tokens_per_s"] > 0 and saved["peak_memory_mib"]["rss"] > 0
+    assert len(saved["per_iteration"]) == 2  # the warm-up iteration is kept, not averaged

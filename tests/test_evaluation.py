@@ -107,6 +107,10 @@ def test_find_checkpoints_skips_sweep_cells_and_evaluated_ones(tmp_path):
     for folder in ("sft/sft_1130", "sft/sft_1207", "sweeps/ablation_135m/smoke/lr1e-05_bs4_s0"):
         (tmp_path / folder).mkdir(parents=True)
         (tmp_path / folder / "manifest.json").write_text("{}")
+    reward_model = tmp_path / "rm" / "rm_1130"  # not a language model: scored by notebook 04 instead
+    reward_model.mkdir(parents=True)
+    manifest = {"manifest_version": 1, "stage": "rm", "tokenizer": {}, "created_at": "2026-01-01T00:00:00"}
+    (reward_model / "manifest.json").write_text(json.dumps(manifest))
     assert [p.name for p in find_checkpoints(tmp_path)] == ["sft_1130", "sft_1207"]
     store = ResultsStore(tmp_path / "results.jsonl")
     store.append(

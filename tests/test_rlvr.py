@@ -1,0 +1,189 @@
+"""The RLVR stage: row preparation and skipped rows, the value model's checks, GRPO's reward function, the
+shared log format, the saved run, and the learning tests of PPO and GRPO on the toy task."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from smoltulu_utils import rlvr
+from smoltulu_utils.data import load_rows
+from smoltulu_utils.manifest import ManifestError, read_manifest, write_manifest
+from smoltulu_utils.paths import FIXTURES_DIR
+from smoltulu_utils.profiles import resolve
+from smoltulu_utils.results import ResultsStore
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run faster on one thread when several processes share the two cores; restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fresh_tiny(bundled_tokenizer):
+    from smoltulu_utils.models import tiny_model
+
+    return tiny_model(seed=0, tokenizer=bundled_tokenizer)
+
+
+BAD_ROWS = [
+    {"messages": [{"role": "user", "content": "How many?"}], "ground_truth": "twelve", "dataset": "gsm8k",
+     "constraint_type": None, "constraint": None},
+    {"messages": [{"role": "user", "content": "Write."}], "ground_truth": '{"func_name": "nope"}',
+     "dataset": "ifeval", "constraint_type": "X", "constraint": "Do it."},
+    {"messages": [{"role": "assistant", "content": "Hi"}], "ground_truth": "1", "dataset": "gsm8k",
+     "constraint_type": None, "constraint": None},
+]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ rows
+def test_fixture_rows_give_prompts_and_targets_for_every_subset(bundled_tokenizer):
+    rows = load_rows("rlvr_mixed", mirror=FIXTURES_DIR)
+    examples, report = rlvr.prepare_rlvr_rows(rows, bundled_tokenizer, prompt_length=1024)
+    assert report.n_rows == 30 and report.n_kept == 30 and report.n_skipped == 0
+    assert report.by_subset == {"gsm8k": 10, "math": 10, "ifeval": 10}
+    first = examples[0]
+    assert bundled_tokenizer.decode(list(first.prompt_ids)).endswith("<|im_start|>assistant\n")
+    assert first.target.kind == "gsm8k" and first.target.ground_truth == "14"
+
+
+def test_bad_rows_are_reported_with_index_and_reason_and_skipped(bundled_tokenizer):
+    rows = rlvr.toy_task_rows(["7"], copies=1) + BAD_ROWS
+    examples, report = rlvr.prepare_rlvr_rows(rows, bundled_tokenizer, prompt_length=1024)
+    assert [e.index for e in examples] == [0]
+    assert [(s.index, s.reason.split(":")[0]) for s in report.skipped] == [
+        (1, "ground truth"),
+        (2, "ground truth"),
+        (3, "prompt does not end with a user turn (last role 'assistant')"),
+    ]
+    assert "not a number" in report.skipped[0].reason and "unknown verifier" in report.skipped[1].reason
+    assert report.reasons()["ground truth"] == 2 and "row 1: ground truth" in report.describe()
+    _, short = rlvr.prepare_rlvr_rows(rows[:1], bundled_tokenizer, prompt_length=5)
+    assert short.skipped[0].reason.startswith("prompt too long")
+
+
+# --------------------------------------------------------------------------------------------- GRPO reward
+def test_grpo_reward_function_scores_like_ppo_and_logs_the_verified_share():
+    logged = {}
+    reward = rlvr.grpo_reward_function(10.0, -10.0, eos_token_ids=[2], min_response_length=0)
+    rewards = reward(
+        prompts=["p"] * 3,
+        completions=[[{"role": "assistant", "content": "It is 7"}], "It is 8", "It is 7 and"],
+        completion_ids=[[1, 2], [1, 2], [1, 1]],  # the third never ends
+        ground_truth=["7", "7", "7"],
+        dataset=["gsm8k", "gsm8k", "gsm8k"],
+        log_metric=lambda name, value: logged.setdefault(name, value),
+    )
+    assert rewards == [10.0, 0.0, -10.0]
+    assert logged == {"verifiable_reward": 2 / 3, "verifier_errors": 0.0}
+
+
+def test_grpo_log_entries_use_the_kit_keys():
+    trl_logs = {"reward": 2.5, "verifiable_reward": 0.25, "kl": 0.5, "completions/mean_length": 4.0,
+                "completions/clipped_ratio": 0.5, "clip_ratio/region_mean": 0.1, "loss": 0.3}  # fmt: skip
+    entry = rlvr._grpo_entry(trl_logs, step=3, episodes=48, seconds=1.0)
+    assert set(rlvr.LOG_KEYS) <= set(entry)
+    assert entry["kl"] == 2.0  # TRL's per-token mean times the mean length: per response, as PPO logs it
+    assert entry["value_loss"] is None and entry["non_stop_rate"] == 0.5 and entry["clip_fraction"] == 0.1
+
+
+# --------------------------------------------------------------------------------------------- value model
+def test_value_model_needs_a_reward_model_checkpoint_with_the_policy_tokenizer(
+    tmp_path, bundled_tokenizer, fresh_tiny
+):
+    model, _ = fresh_tiny
+    plain = tmp_path / "no_manifest"
+    plain.mkdir()
+    with pytest.raises(ManifestError):
+        rlvr.load_value_model(plain, bundled_tokenizer, model)
+    sft = tmp_path / "sft"
+    sft.mkdir()
+    write_manifest(sft, stage="sft", recipe={"name": "x"}, data=[], tokenizer=bundled_tokenizer, seed=0)
+    with pytest.raises(rlvr.RLVRError, match="reward model"):
+        rlvr.load_value_model(sft, bundled_tokenizer, model)
+    value_model, info = rlvr.load_value_model("tiny", bundled_tokenizer, model)
+    assert value_model.config.num_labels == 1 and info["source"] == "tiny"
+
+
+def test_train_rlvr_refuses_a_plan_for_another_stage():
+    with pytest.raises(rlvr.RLVRError, match="RLVR recipe"):
+        rlvr.train_rlvr(resolve("sft_1130", "smoke", verbose=False), method="ppo")
+
+
+# ------------------------------------------------------------------------------------------------ a run
+def test_a_short_ppo_run_counts_bad_rows_saves_and_records(
+    tmp_path, bundled_tokenizer, fresh_tiny, one_thread
+):
+    model, tokenizer = fresh_tiny
+    store = ResultsStore(tmp_path / "results.jsonl")
+    result = rlvr.train_rlvr(
+        rlvr.toy_plan(iterations=2, batch=4),
+        tmp_path / "run",
+        model=model,
+        tokenizer=tokenizer,
+        rows=rlvr.toy_task_rows(["7"], copies=2) + BAD_ROWS,
+        restrict_to=rlvr.toy_vocabulary(tokenizer),
+        ppo_settings=rlvr.TOY_PPO,
+        store=store,
+        verbose=False,
+    )
+    assert result.iterations == 2 and result.data_report.n_skipped == 3
+    for entry in result.logs:
+        assert set(rlvr.LOG_KEYS) | {"iteration", "episodes", "skipped_rows"} <= set(entry)
+        assert entry["skipped_rows"] == 3
+        for key in ("generation_s", "scoring_s", "forward_s", "optimisation_s"):
+            assert entry[key] >= 0
+    assert result.samples and {"response", "verified", "ground_truth"} <= set(result.samples[0])
+    manifest = read_manifest(tmp_path / "run")
+    assert manifest["stage"] == "rlvr" and manifest["extra"]["method"] == "ppo"
+    assert manifest["data"][0]["rows_skipped"] == 3
+    assert model.get_output_embeddings().bias is None  # the toy restriction is lifted before saving
+    logged = [json.loads(line) for line in (tmp_path / "run" / "rlvr_log.jsonl").read_text().splitlines()]
+    assert len(logged) == 2
+    rows = store.rows()
+    assert {r["metric"] for r in rows} >= {"initial_verifiable_reward", "final_verifiable_reward", "final_kl"}
+    assert all(r["stage"] == "rlvr" for r in rows)
+
+
+# ------------------------------------------------------------------------------------------- learning
+def _learns(method: str, plan, settings: dict, model, tokenizer) -> None:
+    rows = rlvr.toy_task_rows(["7"])
+    examples, _ = rlvr.prepare_rlvr_rows(rows, tokenizer, prompt_length=64)
+    vocabulary = rlvr.toy_vocabulary(tokenizer)
+    handle = model.get_output_embeddings()
+    restriction = rlvr.restrict_vocabulary(model, vocabulary)
+    before = rlvr.verified_rate(model, tokenizer, examples, response_length=1, samples=64)
+    restriction.remove()
+    result = rlvr.train_rlvr(plan, method=method, model=model, tokenizer=tokenizer, rows=rows,
+                             restrict_to=vocabulary, verbose=False, **settings)  # fmt: skip
+    restriction = rlvr.restrict_vocabulary(model, vocabulary)
+    after = rlvr.verified_rate(model, tokenizer, examples, response_length=1, samples=64)
+    restriction.remove()
+    assert handle.bias is None
+    assert before < 0.2, f"{method}: the toy task should start hard (measured {before:.2f})"
+    assert after > 0.6, (
+        f"{method}: verified share {before:.2f} -> {after:.2f}; logs {result.curve('verifiable_reward')}"
+    )
+    assert result.final("verifiable_reward", last=3) > 0.6
+    kls = [v for _, v in result.curve("kl")]
+    assert kls and all(math.isfinite(v) for v in kls)
+
+
+@pytest.mark.slow
+def test_ppo_raises_the_verifiable_reward_on_the_toy_task(fresh_tiny, one_thread):
+    model, tokenizer = fresh_tiny
+    _learns("ppo", rlvr.toy_plan(iterations=20, batch=16), {"ppo_settings": rlvr.TOY_PPO}, model, tokenizer)
+
+
+@pytest.mark.slow
+def test_grpo_raises_the_verifiable_reward_on_the_toy_task(fresh_tiny, one_thread):
+    model, tokenizer = fresh_tiny
+    plan = rlvr.toy_plan(iterations=25, batch=8, num_epochs=1)
+    _learns("grpo", plan, {"grpo_settings": rlvr.toy_grpo_settings(8)}, model, tokenizer)
