@@ -7,7 +7,7 @@ import copy
 import torch
 from trl.trainer.utils import add_fused_lm_head
 
-from smoltulu_utils.lm_head import use_plain_lm_head
+from smoltulu_utils.lm_head import _plain_projection, use_plain_lm_head
 from smoltulu_utils.models import tiny_model
 
 FIELDS = ("log_probs", "entropy", "mean_logits", "is_top1", "label_mask")
@@ -28,6 +28,7 @@ def test_plain_head_equals_trl_kernel_values_and_gradients():
     model, _ = tiny_model(seed=0)
     add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
     plain_model = copy.deepcopy(model)
+    assert _plain_projection(plain_model)  # SmolLM2: only the labelled positions are projected
     assert use_plain_lm_head(plain_model)
     assert not use_plain_lm_head(plain_model)  # once is enough
     ids, labels, mask = batch()
