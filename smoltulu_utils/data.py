@@ -332,6 +332,8 @@ def _parts(kind: str, row: Mapping) -> dict[str, str]:
         for msg in row["messages"]:
             parts[msg["role"]] = parts.get(msg["role"], "") + msg["content"]
         return parts
+    if kind == "rewardbench":
+        return {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}
     if kind in ("preference", "ultrafeedback"):
         prompt = "".join(m["content"] for m in row["chosen"][:-1])
         return {
@@ -427,7 +429,9 @@ def describe_rows(name: str, rows: Iterable[Mapping], tokenizer: Any = None) -> 
     parts = [_parts(spec.kind, row) for row in rows]
     names = list(dict.fromkeys(key for p in parts for key in p))
     out: dict[str, Any] = {"dataset": spec.name, "hub_id": spec.hub_id, "rows": len(rows)}
-    conversation = next((f for f in ("messages", "chosen") if f in spec.features), None)
+    conversation = next(
+        (f for f in ("messages", "chosen") if isinstance(spec.features.get(f), list | datasets.List)), None
+    )  # RewardBench's chosen is a plain string, not a conversation
     if conversation:
         out["turns"] = _summary([len(row[conversation]) for row in rows])
         out["roles"] = dict(Counter(m["role"] for row in rows for m in row[conversation]))

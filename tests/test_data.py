@@ -573,3 +573,12 @@ def test_the_tour_describes_100_real_rows():
     assert stats["rows"] == 100
     assert schema_of(rows)["messages"] == "list[{content: str, role: str}]"
     assert len(example_lengths(rows)) == 100 and min(example_lengths(rows)) > 0
+
+
+def test_rewardbench_rows_are_described_as_string_pairs(bundled_tokenizer):
+    rows = load_rows("rewardbench", "filtered", mirror=FIXTURES_DIR)
+    assert len(rows) == 46 and len({r["subset"] for r in rows}) == 23
+    summary = describe_rows("rewardbench", rows, bundled_tokenizer)
+    assert "turns" not in summary  # its chosen is a reply string, not a conversation
+    assert {"prompt", "chosen", "rejected"} <= set(summary["chars"])
+    assert all(n > 0 for n in example_lengths(rows, bundled_tokenizer))
