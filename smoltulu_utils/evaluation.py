@@ -236,11 +236,14 @@ def _default_name(model: Any) -> str:
     return getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
 
 
-def find_checkpoints(root: str | Path | None = None, store: Any = None) -> list[Path]:
+def find_checkpoints(
+    root: str | Path | None = None, store: Any = None, stages: tuple[str | None, ...] | None = None
+) -> list[Path]:
     """Stage checkpoints (folders holding a ``manifest.json``) under ``root`` (default ``runs_dir()``).
 
     The cells of a learning-rate sweep (``runs/sweeps/``) are left out: the sweep scores them itself;
-    so are reward models (their benchmarks are RewardBench and UltraFeedback, notebook 04).
+    so are reward models (their benchmarks are RewardBench and UltraFeedback, notebook 04). ``stages``
+    narrows the manifest stages kept (default :data:`GENERATIVE_STAGES`).
     Given a results ``store``, checkpoints that already have evaluation rows there are left out too,
     so a notebook evaluates only what no earlier notebook did.
     """
@@ -250,7 +253,7 @@ def find_checkpoints(root: str | Path | None = None, store: Any = None) -> list[
     if not root.is_dir():
         return []
     found = sorted(p.parent for p in root.rglob("manifest.json") if "sweeps" not in p.relative_to(root).parts)
-    found = [p for p in found if _manifest_stage(p) in GENERATIVE_STAGES]
+    found = [p for p in found if _manifest_stage(p) in (stages or GENERATIVE_STAGES)]
     if store is not None:
         found = [p for p in found if not store.has(stage="eval", model=str(p))]
     return found
