@@ -51,6 +51,7 @@ class Profile:
     report_to: str  # "none" or "tensorboard"
     eval_limit: int | None  # items per benchmark; None: all
     eval_max_gen_toks: int | None = None  # cap on generated tokens in evaluation; None: each task's own
+    max_episodes: int | None = None  # cap on an RLVR recipe's num_episodes; None: the recipe's
 
     def __post_init__(self) -> None:
         if self.data not in DATA_SOURCES:
@@ -59,6 +60,8 @@ class Profile:
             raise ValueError(f"profile {self.name}: peft must be 'none' or 'auto', got {self.peft!r}")
         if self.per_device_batch_cap < 1:
             raise ValueError(f"profile {self.name}: per_device_batch_cap must be at least 1")
+        if self.max_episodes is not None and self.max_episodes < 1:
+            raise ValueError(f"profile {self.name}: max_episodes must be at least 1 (None: the recipe's)")
 
     def replace(self, **changes: Any) -> Profile:
         """A copy with ``changes`` applied."""
@@ -94,6 +97,10 @@ PROFILES: dict[str, Profile] = {
         peft="auto",
         report_to="tensorboard",
         eval_limit=None,
+        # kit choice: the card's 10M RLVR episodes are 312,500 PPO iterations of 32 rollouts, months on
+        # one GPU; 32,000 episodes (1,000 iterations, about 3 passes over the 10,000-prompt subset) take
+        # hours to a day (README "Memory and time per GPU") and are enough for the verified-reward curve
+        max_episodes=32_000,
     ),
     "paper": Profile(
         name="paper",
@@ -253,8 +260,16 @@ class Plan:
         return out
 
 
-def _apply_caps(recipe: Recipe, profile: Profile) -> tuple[Recipe, list[str]]:
-    """The recipe with the profile's size caps applied, and a note for each change."""
+def _episode_note(recipe: RLVRRecipe, episodes: int, num_processes: int) -> str:
+    """How many PPO iterations the capped episodes make, against the recipe's."""
+    rollout = recipe.rollout_batch_size * num_processes
+    recipe_iterations = recipe.num_episodes // rollout
+    return f" ({episodes // rollout:,} iterations of {rollout} rollouts instead of {recipe_iterations:,})"
+
+
+def _apply_caps(recipe: Recipe, profile: Profile, num_processes: int = 1) -> tuple[Recipe, list[str]]:
+    """The recipe with the profile's size caps applied, and a note for each change (an RLVR rollout batch
+    is per process, so ``max_steps`` iterations take ``max_steps * rollout_batch_size * num_processes`` episodes)."""
     changes: dict[str, Any] = {}
     if profile.max_length and recipe.max_length > profile.max_length:
         changes["max_length"] = profile.max_length
@@ -265,12 +280,13 @@ def _apply_caps(recipe: Recipe, profile: Profile) -> tuple[Recipe, list[str]]:
                     changes[key] = profile.max_length // 2
         if profile.model and recipe.reward_model != profile.model:  # the value model starts from it
             changes["reward_model"] = profile.model
-        if profile.max_steps:
-            changes["num_episodes"] = min(recipe.num_episodes, profile.max_steps * recipe.rollout_batch_size)
-            if changes["num_episodes"] == recipe.num_episodes:
-                del changes["num_episodes"]
+        steps = profile.max_steps and profile.max_steps * recipe.rollout_batch_size * num_processes
+        cap = min((c for c in (profile.max_episodes, steps) if c), default=None)
+        if cap and cap < recipe.num_episodes:
+            changes["num_episodes"] = cap
     notes = [
         f"{key} capped from {getattr(recipe, key)} to {value} by the {profile.name} profile"
+        + (_episode_note(recipe, value, num_processes) if key == "num_episodes" else "")
         for key, value in changes.items()
     ]
     return (recipe.replace(**changes) if changes else recipe), notes
@@ -296,7 +312,7 @@ def resolve(
     per_device, accumulation = split_batch(
         recipe.effective_batch_size, num_processes, prof.per_device_batch_cap, recipe.path or recipe.name
     )
-    capped, notes = _apply_caps(recipe, prof)
+    capped, notes = _apply_caps(recipe, prof, num_processes)
     plan = Plan(
         recipe=capped,
         profile=prof.name,

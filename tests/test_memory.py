@@ -1,20 +1,34 @@
-"""The memory planner: estimates by part, the full -> LoRA -> QLoRA choice, and the PEFT/bitsandbytes configs."""
+"""The memory planner: estimates by part and stage, the full -> LoRA -> QLoRA -> refuse choice, the time
+estimates and the README table they print, and the PEFT/bitsandbytes configs."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
+from smoltulu_utils.hardware import hardware_from_facts
 from smoltulu_utils.memory import (
+    GIB,
+    GPUS,
     KNOWN_SHAPES,
+    MemoryDoesNotFitError,
     MemoryPlanError,
     estimate_for_shape,
+    estimate_hours,
     estimate_memory,
+    estimate_stage,
     lora_config,
     model_shape,
     plan_memory,
+    plan_memory_from,
     qlora_quantization_config,
+    readme_section,
+    zero3_gpus,
 )
+from smoltulu_utils.paths import KIT_ROOT
+from smoltulu_utils.profiles import resolve
 
 SMOLLM2_17B = "HuggingFaceTB/SmolLM2-1.7B"
 PARTS = {"weights", "gradients", "optimizer", "activations", "logits", "overhead", "total"}
@@ -121,6 +135,15 @@ def test_planner_falls_back_to_qlora_then_says_nothing_fits():
     assert "does NOT fit" in tiny_gpu.describe()
 
 
+def test_planner_refuses_with_a_clear_error_when_asked():
+    with pytest.raises(MemoryDoesNotFitError) as info:
+        plan_memory(SMOLLM2_17B, 4096, 8, "fp16", 4, refuse=True)
+    refused = info.value.plan
+    assert refused.method == "qlora" and not refused.fits and isinstance(info.value, MemoryPlanError)
+    assert str(info.value) == refused.reason == plan_memory(SMOLLM2_17B, 4096, 8, "fp16", 4).reason
+    assert plan_memory(SMOLLM2_17B, 4096, 1, "fp16", 6, refuse=True).method == "qlora"
+
+
 def test_bad_inputs_are_refused():
     with pytest.raises(MemoryPlanError, match="method"):
         estimate_memory(
@@ -174,3 +197,183 @@ def test_qlora_quantization_settings():
     assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4"
     assert config.bnb_4bit_use_double_quant and config.bnb_4bit_compute_dtype == torch.bfloat16
     assert qlora_quantization_config("fp16", require_cuda=False).bnb_4bit_compute_dtype == torch.float16
+
+
+# -- stages ------------------------------------------------------------------------------------------
+H100 = hardware_from_facts("cuda", 1, "NVIDIA H100 80GB HBM3", 79.1, 16, compute_capability=(9, 0))
+A100_80 = hardware_from_facts("cuda", 1, "NVIDIA A100-SXM4-80GB", 79.2, 16, compute_capability=(8, 0))
+PPO_LENGTHS = {"prompt_length": 1024, "response_length": 1024, "rollout_batch": 32}
+
+
+def stage_estimate(stage, method="full", **kw):
+    settings = {"max_length": 2048, "per_device_batch": 4, "dtype": "bf16", "method": method} | kw
+    return estimate_stage(SMOLLM2_17B, stage=stage, **settings)
+
+
+def test_sft_stage_is_the_old_estimate():
+    for method in ("full", "lora", "qlora"):
+        assert stage_estimate("sft", method) == estimate_for_shape(
+            KNOWN_SHAPES[SMOLLM2_17B], max_length=2048, per_device_batch=4, dtype="bf16", method=method
+        )
+
+
+def test_dpo_live_reference_holds_a_frozen_copy_a_cached_one_does_not():
+    """A live reference is a second, frozen model in the compute dtype; cached log-probs need no weights.
+
+    With adapters the reference is the model with its adapters off, so live and cached are the same.
+    """
+    cache, live = stage_estimate("dpo", reference="cache"), stage_estimate("dpo", reference="live")
+    assert cache["reference"] == 0
+    n = KNOWN_SHAPES[SMOLLM2_17B].parameters
+    assert live["reference"] == pytest.approx(2 * n / GIB)  # bf16: 2 bytes per parameter, 3.2 GiB
+    assert live["total"] - cache["total"] == pytest.approx(2 * n / GIB)
+    for method in ("lora", "qlora"):
+        assert stage_estimate("dpo", method, reference="live") == stage_estimate("dpo", method)
+    # each pair runs the chosen and the rejected sequence: twice SFT's activations at the same batch
+    assert cache["activations"] == pytest.approx(2 * stage_estimate("sft")["activations"])
+    with pytest.raises(MemoryPlanError, match="reference"):
+        stage_estimate("dpo", reference="precomputed")
+
+
+def test_dpo_live_reference_can_change_the_choice():
+    cached = plan_memory(SMOLLM2_17B, 2048, 8, "bf16", 38, stage="dpo", reference="cache")
+    live = plan_memory(SMOLLM2_17B, 2048, 8, "bf16", 38, stage="dpo", reference="live")
+    assert (cached.method, live.method) == ("full", "lora")
+    assert "reference log-probs cached" in cached.describe() and "live" in live.describe()
+
+
+def test_reward_model_has_a_score_head_not_a_vocabulary():
+    rm, dpo = stage_estimate("rm"), stage_estimate("dpo")
+    assert rm["activations"] == dpo["activations"] and rm["logits"] < 0.01 < dpo["logits"]
+    assert "reference" not in rm
+
+
+def test_ppo_needs_more_than_sft_for_the_same_model():
+    """PPO trains a value model beside the policy, keeps a reference and a generation cache."""
+    for method in ("full", "lora", "qlora"):
+        sft, ppo = stage_estimate("sft", method), stage_estimate("rlvr", method, **PPO_LENGTHS)
+        assert ppo["total"] > sft["total"] + ppo["kv_cache"]
+        assert ppo["kv_cache"] > 0 and ppo["reward_model"] == 0  # Tulu 3: the RM is not loaded
+    full = stage_estimate("rlvr", **PPO_LENGTHS)
+    sft_full = stage_estimate("sft")
+    for part in ("weights", "gradients", "optimizer", "activations"):  # policy and value model, same size
+        assert full[part] == pytest.approx(2 * sft_full[part])
+    assert full["reference"] == pytest.approx(2 * KNOWN_SHAPES[SMOLLM2_17B].parameters / GIB)
+    # 32 rollouts x 2048 tokens x (keys + values) x 24 layers x 2048 wide x 2 bytes
+    assert full["kv_cache"] == pytest.approx(32 * 2048 * 2 * 24 * 2048 * 2 / GIB)
+    with_rm = stage_estimate("rlvr", reward_model=SMOLLM2_17B, **PPO_LENGTHS)
+    assert with_rm["reward_model"] == pytest.approx(full["reference"])
+    small_value = stage_estimate("rlvr", value_model="HuggingFaceTB/SmolLM2-135M", **PPO_LENGTHS)
+    assert small_value["optimizer"] < 0.6 * full["optimizer"]
+    with pytest.raises(MemoryPlanError, match="response_length"):
+        stage_estimate("rlvr")
+    with pytest.raises(MemoryPlanError, match="stage"):
+        stage_estimate("kto")
+    assert stage_estimate("ppo", **PPO_LENGTHS) == full
+
+
+def test_choice_ladder_full_lora_qlora_then_refusal_with_the_fixes():
+    """Shrinking GPUs walk the ladder; past QLoRA the error names the GPU, the need and the fixes."""
+    ppo = {"stage": "rlvr", **PPO_LENGTHS}
+    methods = [plan_memory(SMOLLM2_17B, 2048, 8, "bf16", gib, **ppo).method for gib in (96, 48, 31)]
+    assert methods == ["full", "lora", "qlora"]
+    with pytest.raises(MemoryDoesNotFitError) as info:
+        plan_memory(SMOLLM2_17B, 2048, 8, "fp16", 14.7, gpu_name="Tesla T4", refuse=True, **ppo)
+    message = str(info.value)
+    need = info.value.plan.estimates["qlora"]["total"]
+    assert "Tesla T4 (14.7 GiB)" in message and f"QLoRA needs {need:.1f} GiB" in message
+    assert f"bigger GPU: at least {math.ceil(need / 0.9)} GiB for QLoRA" in message
+    assert "ZeRO-3 over several GPUs ('paper' profile)" in message  # the cache stays whole on each GPU
+    assert "prompt_length 256 and response_length 256" in message
+    with pytest.raises(MemoryDoesNotFitError) as info:
+        plan_memory(SMOLLM2_17B, 4096, 8, "fp16", 6, gpu_name="a small GPU", refuse=True)
+    message = str(info.value)
+    assert "a shorter max_length: 1024" in message and "a smaller per-device batch: 2" in message
+    assert "for full fine-tuning" in message and "ZeRO-3" in message
+    # ZeRO-3 shards the 25.5 GiB of full fine-tuning's states; 7.1 GiB stays whole on each GPU
+    with pytest.raises(MemoryDoesNotFitError, match="'paper' profile on 32 such GPUs with DeepSpeed ZeRO-3"):
+        plan_memory(SMOLLM2_17B, 4096, 8, "bf16", 8.9, refuse=True)
+    full = estimate_stage(SMOLLM2_17B, max_length=4096, per_device_batch=8, dtype="bf16", method="full")
+    assert zero3_gpus(full, 0.9 * 16) == 4 and zero3_gpus(full, 0.9 * 8) is None
+
+
+def test_plan_memory_from_reads_the_stage_from_a_plan():
+    rlvr = resolve("rlvr_ppo", "single_gpu", hardware=A100_80, verbose=False)
+    memory = plan_memory_from(rlvr)
+    assert memory.stage == "rlvr" and memory.settings["prompt_length"] == rlvr.recipe.prompt_length
+    assert memory.settings["rollout_batch"] == rlvr.recipe.rollout_batch_size
+    assert memory.settings["value_model"] == "SultanR/SmolTulu-1.7b-RM"
+    assert memory.settings["reward_model"] is None and memory.estimate["reward_model"] == 0
+    assert "NVIDIA A100-SXM4-80GB" in memory.describe() and memory.method == "lora"
+    scored = rlvr.recipe.replace(reward_model_multiplier=1.0)
+    with_rm = plan_memory_from(resolve(scored, "single_gpu", hardware=A100_80, verbose=False))
+    assert with_rm.estimates["lora"]["reward_model"] > 3
+    dpo = resolve("dpo_1207", "paper", hardware=H100, verbose=False)
+    assert plan_memory_from(dpo, reference="live").estimate["reference"] > 3
+    assert plan_memory_from(dpo).estimate["reference"] == 0
+    t4 = hardware_from_facts("cuda", 1, "Tesla T4", 14.7, 2, compute_capability=(7, 5))
+    on_t4 = resolve("rlvr_ppo", "single_gpu", hardware=t4, verbose=False)
+    with pytest.raises(MemoryDoesNotFitError, match="Tesla T4"):
+        plan_memory_from(on_t4)
+    assert not plan_memory_from(on_t4, refuse=False).fits
+    sft = resolve("sft_1130", "single_gpu", hardware=A100_80, verbose=False)
+    assert (
+        plan_memory_from(sft).estimates
+        == plan_memory(sft.model, sft.max_length, sft.per_device_batch_size, sft.dtype, 79.2).estimates
+    )
+
+
+# -- time --------------------------------------------------------------------------------------------
+def test_hours_follow_flops_and_the_gpu():
+    a100, h100 = (g for g in GPUS if g.name in ("A100 80 GB", "H100 80 GB"))
+    sft = resolve("sft_1130", "paper", hardware=H100, verbose=False)
+    hours = {m: estimate_hours(sft, m, h100)["hours"] for m in ("full", "lora", "qlora")}
+    assert hours["lora"] == pytest.approx(0.75 * hours["full"])  # 6N against 8N per token
+    assert hours["qlora"] == pytest.approx(2 * hours["lora"])
+    assert estimate_hours(sft, "full", a100)["hours"] == pytest.approx(hours["full"] * 989 / 312)
+    tokens = estimate_hours(sft, "full", h100)["tokens"]
+    assert tokens == 939_343 * 850 * 2  # rows x tokens per row x epochs
+    small = resolve("sft_1130", "single_gpu", hardware=H100, verbose=False)
+    assert estimate_hours(small, "full", h100)["tokens"] == 10_000 * 850 * 2
+    dpo = resolve("dpo_1130", "paper", hardware=H100, verbose=False)
+    assert (
+        estimate_hours(dpo, "full", h100, reference="live")["hours"]
+        >= estimate_hours(dpo, "full", h100)["hours"]
+    )
+    ppo = resolve("rlvr_ppo", "paper", hardware=H100, verbose=False)
+    capped = resolve("rlvr_ppo", "single_gpu", hardware=H100, verbose=False)
+    full_run, short_run = estimate_hours(ppo, "lora", h100), estimate_hours(capped, "lora", h100)
+    assert 0 < full_run["generation_hours"] < full_run["hours"]
+    assert full_run["hours"] > 100 * short_run["hours"]  # 10M episodes against the profile's cap
+
+
+# -- the README table --------------------------------------------------------------------------------
+def test_readme_memory_section_is_what_the_planner_prints_today():
+    """The README's "Memory and time per GPU" section is computed, never typed: regenerate it with
+    ``python benchmarks/memory_table.py --update README.md`` after changing the planner."""
+    section = readme_section()
+    readme = (KIT_ROOT / "README.md").read_text(encoding="utf-8")
+    assert section.startswith("## Memory and time per GPU\n")
+    for stage in ("SFT-1130/1207 1.7B", "DPO-1130/1207 1.7B", "RM-1130/1207 1.7B", "RLVR PPO 1.7B", "135M"):
+        assert section.count(f"| {stage}") == 2  # one row in each table
+    for gpu in ("T4 16 GB", "A100 40 GB", "A100 80 GB", "H100 80 GB", "H200 141 GB"):
+        assert f" {gpu} |" in section
+    assert "refused (needs" in section and "LoRA," in section and "full," in section
+    assert section in readme, "README.md is out of date: python benchmarks/memory_table.py --update README.md"
+
+
+def test_memory_table_script_replaces_only_its_section():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "memory_table_script", KIT_ROOT / "benchmarks" / "memory_table.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    text = "# Kit\n\n## Memory and time per GPU\n\nold table\n\n## Recipes\n\nkept\n"
+    assert script.replace_section(text, "## Memory and time per GPU\n\nnew") == (
+        "# Kit\n\n## Memory and time per GPU\n\nnew\n\n## Recipes\n\nkept\n"
+    )
+    assert script.replace_section(
+        "# Kit\n\n## Memory and time per GPU\n\nold\n", "## Memory and time per GPU\n\nnew"
+    ) == ("# Kit\n\n## Memory and time per GPU\n\nnew\n")

@@ -240,3 +240,28 @@ def test_smoke_rlvr_plan_does_not_point_at_the_hub():
     assert resolve("rlvr_ppo", "paper", hardware=H100_X8, verbose=False).recipe.reward_model == (
         "SultanR/SmolTulu-1.7b-RM"
     )
+
+
+def test_single_gpu_caps_rlvr_episodes_and_says_so():
+    """The card's 10M episodes are 312,500 PPO iterations; the single_gpu profile stops far earlier."""
+    cap = PROFILES["single_gpu"].max_episodes
+    assert cap and cap < 10_000_000 and PROFILES["paper"].max_episodes is None
+    for hw in (T4, A100):
+        plan = resolve("rlvr_ppo", "single_gpu", hardware=hw, verbose=False)
+        assert plan.recipe.num_episodes == cap
+        iterations = cap // plan.recipe.rollout_batch_size
+        note = (
+            f"num_episodes capped from 10000000 to {cap} by the single_gpu profile ({iterations:,} iterations"
+        )
+        assert note in plan.describe()
+    paper = resolve("rlvr_ppo", "paper", hardware=H100_X8, verbose=False)
+    assert paper.recipe.num_episodes == 10_000_000 and not any("num_episodes" in n for n in paper.notes)
+    # the smoke profile's steps still cap it further; a cap above the recipe's episodes changes nothing
+    assert resolve("rlvr_ppo", "smoke", hardware=CPU, verbose=False).recipe.num_episodes < cap
+    generous = get_profile("single_gpu").replace(max_episodes=20_000_000)
+    assert resolve("rlvr_ppo", generous, hardware=A100, verbose=False).recipe.num_episodes == 10_000_000
+    assert resolve("sft_1130", "single_gpu", hardware=A100, verbose=False).recipe == load_recipe(
+        "sft_1130"
+    ).replace(max_length=2048)
+    with pytest.raises(ValueError, match="max_episodes"):
+        get_profile("single_gpu").replace(max_episodes=0)
