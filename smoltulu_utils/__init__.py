@@ -12,8 +12,9 @@ Notebooks orchestrate; this package computes. Modules, one job each:
 - ``contamination`` and ``languages``: benchmark overlap (n-gram) and language shares of the training
   mixtures (Tables 1, 4, 10-13).
 - ``sft`` (with ``packed_attention`` and ``memory``), ``preferences``, ``dpo`` (with ``reference_cache``),
-  ``reward_model``, ``verifiers``, ``ppo`` and ``rlvr``: the training stages; ``sweep`` runs a stage over
-  a learning-rate x batch-size grid; ``launch`` starts a stage under Accelerate.
+  ``reward_model``, ``verifiers``, ``ppo`` and ``rlvr``: the training stages; ``stages`` is their table
+  (recipe class, train function, result file, parents) for the command line and the sweep; ``sweep``
+  runs a stage over a learning-rate x batch-size grid; ``launch`` starts a stage under Accelerate.
 - ``manifest``: ``manifest.json`` beside every checkpoint, and the parent checks.
 - ``results``, ``paper``, ``tables``, ``plotting``: tidy results, the paper's numbers, the paper's
   tables and one figure style.

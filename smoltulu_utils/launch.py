@@ -7,11 +7,13 @@ A notebook cell runs one training stage on every process of the machine with::
     run_stage(["sft", "--recipe", "sft_1130", "--profile", "auto", "--output", "runs/sft_1130"],
               num_processes=2)
 
-With one process this runs ``python -m smoltulu_utils <args>``; with more it runs the same command
-under ``accelerate launch`` (:func:`launch_command`) with the kit's Accelerate config for the machine:
-``recipes/accelerate/cpu_2proc.yaml`` without a GPU (gloo, two CPU processes), ``multi_gpu_ddp.yaml``
-on CUDA. The output is streamed as it comes; a failed run raises :class:`LaunchError` with the last
-lines of its output.
+With one process this runs ``python -m smoltulu_utils <args>``; with more, or with a ``config`` (any
+file of ``recipes/accelerate/`` by name, e.g. ``deepspeed_zero3``, or a path), it runs the same command
+under ``accelerate launch`` (:func:`launch_command`), by default with the kit's Accelerate config for
+the machine: ``recipes/accelerate/cpu_2proc.yaml`` without a GPU (gloo, two CPU processes),
+``multi_gpu_ddp.yaml`` on CUDA. The launched processes see ``SMOLTULU_LAUNCHED`` (or ``WORLD_SIZE``), so
+a command that starts itself under the launcher (``--processes N``) does so once. The output is
+streamed as it comes; a failed run raises :class:`LaunchError` with the last lines of its output.
 
 :func:`batch_recorder` is the hook behind ``sft --record-batches``: every process writes the examples
 of each micro-batch it trained on to ``batches_rank{R}.json``, which shows how the data was split
@@ -50,6 +52,10 @@ DEFAULT_CONFIGS = {"cpu": "cpu_2proc.yaml", "cuda": "multi_gpu_ddp.yaml"}
 TAIL_LINES = 40
 #: The file name each process of a ``--record-batches`` run writes, in the output folder.
 BATCHES_FILE = "batches_rank{rank}.json"
+#: Set in the environment of the processes :func:`run_stage` starts under ``accelerate launch``, so a
+#: command that starts itself under the launcher never starts itself again (a one-process config, run
+#: by Accelerate's simple launcher, sets no ``WORLD_SIZE``).
+LAUNCHED_ENV = "SMOLTULU_LAUNCHED"
 
 
 class LaunchError(KitError, RuntimeError):
@@ -78,6 +84,24 @@ def accelerate_config(config: str | os.PathLike | None = None) -> Path:
     raise LaunchError(
         f"no Accelerate config {str(config)!r}: give a path to a config file or one of the kit's ({shipped})"
     )
+
+
+def config_processes(config: str | os.PathLike) -> int:
+    """The ``num_processes`` an Accelerate config file asks for (1 when it says nothing)."""
+    import yaml
+
+    path = accelerate_config(config)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        value = int(data.get("num_processes") or 1) if isinstance(data, Mapping) else 1
+    except (yaml.YAMLError, TypeError, ValueError) as exc:
+        raise LaunchError(f"{path}: cannot read num_processes ({exc}); fix the Accelerate config") from exc
+    return max(value, 1)
+
+
+def under_launcher() -> bool:
+    """True in a process started by a launcher (``WORLD_SIZE`` set) or by :func:`run_stage` under Accelerate."""
+    return bool(os.environ.get("WORLD_SIZE") or os.environ.get(LAUNCHED_ENV))
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -172,8 +196,9 @@ def run_stage(
 ) -> subprocess.CompletedProcess:
     """Run ``python -m smoltulu_utils <args>`` as a subprocess, under ``accelerate launch`` when ``num_processes > 1``.
 
-    One process runs the command line as it would run in a terminal; more run
-    :func:`launch_command` (``config`` picks the Accelerate config). stdout and stderr are merged and
+    One process without a ``config`` runs the command line as it would run in a terminal; more
+    processes, or a ``config`` (a DeepSpeed or FSDP file, which Accelerate must set up even for one
+    process), run :func:`launch_command`. stdout and stderr are merged and
     streamed to ``sys.stdout`` as they arrive (``echo=False``: only kept), so a notebook shows the
     progress. ``env`` adds environment variables; ``timeout`` (seconds) stops the run and everything it
     started. Returns the ``CompletedProcess`` (``stdout``: the whole output) of a run that exited with
@@ -181,7 +206,10 @@ def run_stage(
     An interrupt (a notebook's stop button) stops the processes before it propagates.
     """
     args = [str(a) for a in args]
-    command = cli_command(args) if int(num_processes) == 1 else launch_command(args, num_processes, config)
+    launched = int(num_processes) != 1 or config is not None
+    command = launch_command(args, num_processes, config) if launched else cli_command(args)
+    if launched:
+        env = {**(env or {}), LAUNCHED_ENV: "1"}
     started = time.monotonic()
     try:
         process = subprocess.Popen(

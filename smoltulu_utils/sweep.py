@@ -34,8 +34,9 @@ from tqdm.auto import tqdm
 
 from .errors import FileKeyError
 from .paths import RECIPES_DIR, runs_dir
-from .recipes import DPORecipe, Recipe, RecipeError, RMRecipe, SFTRecipe, recipe_from_dict
+from .recipes import Recipe, RecipeError, recipe_from_dict
 from .results import ResultsStore
+from .stages import get_stage, sweep_stages
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -50,8 +51,8 @@ GRID_KIND = "lr_bs_sweep"
 EVAL_LOSS = "eval_loss"
 #: Held-out preference-pair accuracy of a DPO (implicit reward) or reward-model cell (higher is better).
 PAIR_ACCURACY = "pair_accuracy"
-#: The stages a grid can sweep, and the recipe class of each.
-SWEEP_STAGES: dict[str, type[Recipe]] = {"sft": SFTRecipe, "dpo": DPORecipe, "rm": RMRecipe}
+#: The stages a grid can sweep, and the recipe class of each (the stage table's sweepable stages).
+SWEEP_STAGES: dict[str, type[Recipe]] = sweep_stages()
 #: Metrics that are not benchmarks, and the stages that report them.
 STAGE_METRICS = {EVAL_LOSS: ("sft", "dpo", "rm"), PAIR_ACCURACY: ("dpo", "rm")}
 #: Benchmark label of the row written last for a finished cell (its value: the number of metric rows).
@@ -797,18 +798,9 @@ def split_rows(plan: Plan, eval_samples: int) -> tuple[Any, Any]:
 
 
 def _stage_trainer(stage: str) -> Callable[..., Any]:
-    """The ``train_<stage>`` function of a stage, imported on use (the sweep module loads without them)."""
-    if stage == "dpo":
-        from .dpo import train_dpo
-
-        return train_dpo
-    if stage == "rm":
-        from .reward_model import train_rm
-
-        return train_rm
-    from .sft import train_sft
-
-    return train_sft
+    """The ``train_<stage>`` function of a stage from the stage table, imported on use (the sweep module
+    loads without them)."""
+    return get_stage(stage).train_function()
 
 
 def train_and_evaluate(cell: Cell, output_dir: str | Path | None = None) -> CellResult:

@@ -57,6 +57,26 @@ def test_hardware_and_doctor(capsys):
 def test_module_entry_point_runs():
     done = subprocess.run([sys.executable, "-m", "smoltulu_utils", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "reproduce" in done.stdout
+    assert "{reproduce,plan,mirror,hardware,doctor,sft,dpo,rm,rlvr,eval}" in done.stdout.replace("\n", "")
+
+
+def test_every_training_command_has_the_shared_options_and_its_own_inputs():
+    parser = cli.build_parser()
+    shared = ["--profile", "smoke", "--parent", "p", "--accelerate-config", "fsdp", "--processes", "2"]
+    for stage in ("sft", "dpo", "rm", "rlvr"):
+        args = parser.parse_args([stage, *shared])
+        assert (
+            args.recipe
+            and args.output is None
+            and args.accelerate_config == "fsdp"
+            and args.func is cli._train
+        )
+    assert parser.parse_args(["dpo", "--reference-cache", "none"]).reference_cache == "none"
+    rlvr = parser.parse_args(["rlvr", "--reward-model", "runs/rm/rm_1130", "--method", "grpo"])
+    assert (rlvr.recipe, rlvr.reward_model, rlvr.method) == ("rlvr_ppo", "runs/rm/rm_1130", "grpo")
+    assert parser.parse_args(["sft", "--record-batches"]).record_batches
+    with pytest.raises(SystemExit):
+        parser.parse_args(["rm", "--reward-model", "x"])  # only rlvr takes a reward model
 
 
 def test_reproduce_with_no_matching_notebook_says_so():
