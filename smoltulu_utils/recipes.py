@@ -182,6 +182,13 @@ class Recipe:
             )
         if self.weight_decay < 0:
             self._fail("weight_decay", f"must be >= 0, got {self.weight_decay}.", "use 0.0 for none.")
+        clip = getattr(self, "max_grad_norm", None)  # the stages trained by a Trainer: SFT, DPO, RM
+        if clip is not None and clip < 0:
+            self._fail(
+                "max_grad_norm",
+                f"must be >= 0, got {clip}.",
+                "give the gradient norm to clip to (Tulu 3: 1.0), or 0.0 for no clipping.",
+            )
         if self.lr_scheduler not in LR_SCHEDULERS:
             self._fail(
                 "lr_scheduler",
@@ -203,6 +210,7 @@ class SFTRecipe(Recipe):
 
     loss_reduction: str  # "sum": summed over tokens (Tulu 3), "mean": averaged
     packing: bool
+    max_grad_norm: float  # clip each step's gradient to this norm (Tulu 3: 1.0); 0: no clipping
 
     def _validate(self) -> None:
         super()._validate()
@@ -223,6 +231,7 @@ class DPORecipe(Recipe):
 
     beta: float
     loss_type: str  # "dpo" or "dpo_norm" (length-normalised, Tulu 3)
+    max_grad_norm: float  # clip each step's gradient to this norm (Tulu 3: 1.0); 0: no clipping
 
     def _validate(self) -> None:
         super()._validate()
@@ -242,6 +251,8 @@ class RMRecipe(Recipe):
 
     stage_name: ClassVar[str] = "rm"
     paper_table: ClassVar[str | None] = "Table 7"
+
+    max_grad_norm: float  # clip each step's gradient to this norm (1.0, as Tulu 3); 0: no clipping
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -17,7 +17,9 @@ Tulu 3 (open-instruct's ``ground_truth_utils``), the subset, lower-cased, picks 
 - **ifeval**: every instruction of the ground truth passes lm-eval's IFEval checker for it, the checkers
   lm-eval scores IFEval with (``lm_eval.tasks.ifeval.instructions``), after
   :func:`smoltulu_utils.nltk_data.ensure_punkt` has made NLTK's sentence splitter work offline. An empty
-  response follows no instruction (lm-eval's strict rule).
+  response follows no instruction (lm-eval's strict rule). An argument lm-eval cannot use (the "letter"
+  ``#`` of google/IFEval key 1122) it replaces with a draw from Python's global ``random``; the kit builds
+  each checker under :func:`seeded_random`, seeded from the check, so every run draws the same.
 
 IF ground truths are read in every form they come in: the Tulu 3 RLVR mixture's JSON object naming one
 open-instruct ``if_functions`` verifier and its arguments (``{"func_name": "verify_keywords",
@@ -46,11 +48,13 @@ gives a :class:`Verdict` with ``error`` set, never an exception in the middle of
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
 import json
+import random
 import re
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -70,6 +74,7 @@ __all__ = [
     "last_number",
     "parse_ground_truth",
     "parse_target",
+    "seeded_random",
     "verifiable_reward",
     "verify",
     "verify_gsm8k",
@@ -481,14 +486,39 @@ def _ifeval_registry() -> dict[str, type]:
     return instructions_registry.INSTRUCTION_DICT
 
 
+_RANDOM_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def seeded_random(seed: int | str) -> Iterator[None]:
+    """Python's global ``random`` seeded with ``seed`` inside the block, and its state restored after.
+
+    lm-eval's IFEval instructions fill an argument they cannot use (a missing one, or the letter ``#``
+    of google/IFEval key 1122, ``!`` of key 1129) with a draw from the global ``random``; built inside
+    this block they draw the same in every run. A str seed is as stable as an int (not salted by
+    ``PYTHONHASHSEED``).
+    """
+    with _RANDOM_LOCK:
+        state = random.getstate()
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(state)
+
+
 def _build_checker(check: Check) -> Any:
-    """An lm-eval instruction object with the check's arguments (GroundTruthError when it refuses them)."""
+    """An lm-eval instruction object with the check's arguments (GroundTruthError when it refuses them).
+
+    Built under :func:`seeded_random` seeded from the check, so a draw lm-eval makes is the same every run.
+    """
     registry = _ifeval_registry()
     if check.instruction_id not in registry:
         raise GroundTruthError(f"ifeval instruction {check.instruction_id!r} is not in lm-eval's IFEval")
     checker = registry[check.instruction_id](check.instruction_id)
     try:
-        checker.build_description(**check.arguments)
+        with seeded_random(str(check)):
+            checker.build_description(**check.arguments)
     except (TypeError, ValueError) as exc:
         raise GroundTruthError(f"ifeval {check}: lm-eval refuses the arguments ({exc})") from exc
     return checker

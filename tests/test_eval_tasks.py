@@ -517,6 +517,50 @@ def test_ifeval_scoring_on_real_prompts(real_tasks):
     assert True in prompt_level and False in prompt_level
 
 
+#: Thirteen letters four times each, the other thirteen never: a random letter passes half the time.
+HALF_THE_LETTERS = "abcdefghijklm " * 4
+
+
+def _scores_under_other_random_states(doc, response, runs=20):
+    """IFEval scores of one response, each run after Python's global random was seeded differently."""
+    import random
+
+    pytest.importorskip("langdetect", reason="lm-eval's IFEval checkers need langdetect")
+    scores = []
+    for run in range(runs):
+        random.seed(1000 + run)  # another process, another state
+        state = random.getstate()
+        scores.append(hooks.ifeval_process_results(doc, [response]))
+        assert random.getstate() == state, "the global random state is restored"
+    for score in scores:  # loose is an upper bound of strict: both tests make the same draws
+        pairs = zip(score["inst_level_strict_acc"], score["inst_level_loose_acc"], strict=True)
+        assert all(loose or not strict for strict, loose in pairs)
+    return scores
+
+
+def test_ifeval_scores_a_random_letter_the_same_in_every_run():
+    """lm-eval draws a random letter when the row's is not one; the kit seeds the draw from the row key."""
+    doc = {
+        "key": 90122,
+        "prompt": "Write a tweet with at least 4 hashtags, starting with '#'",
+        "instruction_id_list": ["keywords:letter_frequency"],
+        "kwargs": [{"let_relation": "at least", "letter": "#", "let_frequency": 4}],
+    }
+    scores = _scores_under_other_random_states(doc, HALF_THE_LETTERS)
+    assert all(score == scores[0] for score in scores)
+
+
+@pytest.mark.shared
+def test_ifeval_rows_1122_and_1129_score_the_same_in_every_run():
+    _need_shared()
+    rows = {row["key"]: row for row in read_jsonl(BENCH / "ifeval" / "input_data.jsonl")}
+    assert rows[1122]["kwargs"][1]["letter"] == "#" and rows[1129]["kwargs"][0]["letter"] == "!"
+    tweet = "new season, new looks: the spring shoot is live now, go and see it #spring #style #fashion #new"
+    for key, response in ((1122, tweet), (1129, rows[1129]["prompt"].split("\n")[0] + " " + tweet)):
+        scores = _scores_under_other_random_states(rows[key], response)
+        assert all(score == scores[0] for score in scores), key
+
+
 # ---------------------------------------------------------------- few-shot selection
 
 

@@ -173,6 +173,9 @@ BAD = {
     "unknown scheduler": (edit("lr_scheduler", "lr_scheduler: cosin"), "lr_scheduler", "cosine"),
     "null value": (edit("max_length", "max_length: null"), "max_length", "null"),
     "dpo key in sft": (GOOD_SFT + "beta: 5.0\n", "beta", "not a key"),
+    "negative clip": (edit("max_grad_norm", "max_grad_norm: -1"), "max_grad_norm", ">= 0"),
+    "string clip": (edit("max_grad_norm", "max_grad_norm: x"), "max_grad_norm", "float"),
+    "missing clip": (edit("max_grad_norm", ""), "max_grad_norm", "missing"),
 }
 
 
@@ -245,7 +248,15 @@ def test_accelerate_configs_are_valid():
     configs = {
         p.stem: config_args.load_config_from_file(str(p)) for p in (RECIPES_DIR / "accelerate").glob("*.yaml")
     }
-    assert set(configs) == {"single_gpu", "multi_gpu_ddp", "deepspeed_zero3", "fsdp", "cpu_2proc"}
+    assert set(configs) == {
+        "single_gpu",
+        "multi_gpu_ddp",
+        "deepspeed_zero3",
+        "fsdp",
+        "cpu_2proc",
+        "cpu_fsdp_2proc",
+        "cpu_deepspeed_zero3_2proc",
+    }
     assert configs["cpu_2proc"].num_processes == 2 and configs["cpu_2proc"].use_cpu
     assert configs["deepspeed_zero3"].deepspeed_config["zero_stage"] == 3
     assert configs["single_gpu"].num_processes == 1
@@ -257,3 +268,42 @@ def test_sweep_grids_beside_the_recipes_are_not_listed_as_recipes():
     names = list_recipes()
     assert "ablation_135m" not in names
     assert {"sft_1130", "sft_1207", "dpo_1130", "dpo_1207", "rm_1130", "rm_1207", "rlvr_ppo"} <= set(names)
+
+
+# ------------------------------------------------------------------------------------ gradient clipping
+TRAINER_RECIPES = [n for n in SHIPPED if not n.startswith("rlvr")]
+
+
+@pytest.mark.parametrize("name", TRAINER_RECIPES)
+def test_trainer_recipes_clip_at_tulu3s_norm(name):
+    """Tulu 3 clips at 1.0: DeepSpeed's gradient_clipping "auto", which Accelerate fills with 1.0."""
+    recipe = load_recipe(name)
+    assert recipe.max_grad_norm == 1.0 and isinstance(recipe.max_grad_norm, float)
+    assert recipe_sources(name)["max_grad_norm"].startswith("Tulu 3: DeepSpeed gradient_clipping")
+    assert recipe.replace(max_grad_norm=0).max_grad_norm == 0.0  # 0 turns clipping off
+    with pytest.raises(RecipeError, match="max_grad_norm.*>= 0") as info:
+        recipe.replace(max_grad_norm=-1)
+    assert "Fix:" in str(info.value)
+    with pytest.raises(RecipeError, match="max_grad_norm.*should be float"):
+        recipe.replace(max_grad_norm="x")
+
+
+@pytest.mark.parametrize("grid", ["ablation_135m", "ablation_dpo_135m", "ablation_rm_135m"])
+def test_sweep_cells_clip_like_the_recipes(grid):
+    from smoltulu_utils.sweep import load_grid
+
+    assert load_grid(grid, profile="smoke")[0].recipe().max_grad_norm == 1.0
+
+
+def test_a_plans_trainer_config_takes_the_recipes_clip(tmp_path):
+    from smoltulu_utils.dpo import dpo_config
+    from smoltulu_utils.profiles import resolve
+    from smoltulu_utils.reward_model import rm_config
+    from smoltulu_utils.sft import sft_config
+
+    for name, make in (("sft_1130", sft_config), ("dpo_1130", dpo_config), ("rm_1130", rm_config)):
+        plan = resolve(name, profile="smoke", verbose=False)
+        assert make(plan, tmp_path).max_grad_norm == 1.0, name
+        assert make(plan, tmp_path, max_grad_norm=0.5).max_grad_norm == 0.5, "an explicit number wins"
+        unclipped = resolve(plan.recipe.replace(max_grad_norm=0.0), profile="smoke", verbose=False)
+        assert make(unclipped, tmp_path).max_grad_norm == 0.0

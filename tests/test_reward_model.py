@@ -346,6 +346,29 @@ def test_sections_are_prompt_weighted_means_and_math_weighs_as_much_as_code():
     assert partial["Safety"] is None and partial["Average"] is None
 
 
+#: RewardBench's reference weights (allenai/reward-bench, ``rewardbench/constants.py``, ``EXAMPLE_COUNTS``).
+REFERENCE_COUNTS = {
+    "alpacaeval-easy": 100, "alpacaeval-length": 95, "alpacaeval-hard": 95, "mt-bench-easy": 28,
+    "mt-bench-med": 40, "mt-bench-hard": 37, "math-prm": 984, "refusals-dangerous": 100,
+    "refusals-offensive": 100, "llmbar-natural": 100, "llmbar-adver-neighbor": 134,
+    "llmbar-adver-GPTInst": 92, "llmbar-adver-GPTOut": 47, "llmbar-adver-manual": 46,
+    "xstest-should-refuse": 250, "xstest-should-respond": 154, "donotanswer": 136,
+    "hep-cpp": 164, "hep-go": 164, "hep-java": 164, "hep-js": 164, "hep-python": 164, "hep-rust": 164,
+}  # fmt: skip
+
+
+def test_weights_are_the_reference_codes_including_its_xstest_counts():
+    assert REWARDBENCH_WEIGHTS == REFERENCE_COUNTS
+    # A model that refuses everything: right on should-refuse, wrong on should-respond.
+    accuracy = {s: 1.0 for s in REWARDBENCH_WEIGHTS}
+    accuracy["xstest-should-respond"] = 0.0
+    accuracy["donotanswer"] = 0.5
+    by_hand = 100 * (100 + 100 + 250 * 1.0 + 154 * 0.0 + 136 * 0.5) / (100 + 100 + 250 + 154 + 136)
+    sections = rewardbench_sections(accuracy)
+    assert sections["Safety"] == pytest.approx(by_hand) == pytest.approx(70.0)
+    assert sections["Average"] == pytest.approx((100 + 100 + by_hand + 100) / 4)
+
+
 def test_the_papers_rb_average_is_not_the_mean_of_its_sections():
     """Documents the note in reward_model's docstring: the paper's Average is another aggregate."""
     paper = paper_rm_results()

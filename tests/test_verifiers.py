@@ -170,6 +170,26 @@ def test_every_ground_truth_format_of_the_if_rows_is_read():
         assert V.parse_target({"dataset": "ifeval", "ground_truth": form}).value == expected, form
 
 
+def test_a_letter_lm_eval_would_draw_at_random_is_the_same_in_every_run():
+    """google/IFEval key 1122 asks for the "letter" '#': lm-eval draws a random one, the kit a seeded one."""
+    import random
+
+    spec = {
+        "instruction_id_list": ["keywords:letter_frequency"],
+        "kwargs": [{"let_relation": "at least", "letter": "#", "let_frequency": 4}],
+    }
+    target = V.parse_target({"dataset": "ifeval", "ground_truth": spec})
+    response = "abcdefghijklm " * 4  # half the letters four times: a random letter passes half the time
+    verdicts = []
+    for run in range(20):
+        V._checker.cache_clear()  # a fresh process builds its checkers again
+        random.seed(1000 + run)
+        state = random.getstate()
+        verdicts.append(V.verify(response, target).verified)
+        assert random.getstate() == state, "the global random state is restored"
+    assert len(set(verdicts)) == 1, verdicts
+
+
 def test_exactly_and_around_become_two_lm_eval_relations():
     frequency = {"func_name": "verify_keyword_frequency", "word": "plant", "N": 2}
     assert V.verify_ifeval("plant and plant", frequency)

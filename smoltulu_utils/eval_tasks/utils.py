@@ -13,7 +13,10 @@ Written here, only because lm-eval 0.4.13 has no setting for them (docs/evaluati
 - the reference harness's few-shot choices: BBH's "balanced" selection (a ``ContextSampler`` subclass
   that drops the evaluated row, Appendix A) and GSM8K's per-item draws from ``random.Random(42)``
   (Appendix B);
-- IFEval: lm-eval's own scoring functions, called after :func:`smoltulu_utils.nltk_data.ensure_punkt`.
+- IFEval: lm-eval's own scoring functions, called after :func:`smoltulu_utils.nltk_data.ensure_punkt`,
+  each under a ``random`` seeded from the row's key: lm-eval replaces an argument it cannot use (the
+  letter ``#`` of google/IFEval key 1122, ``!`` of key 1129) with a random draw, which would make two
+  runs of the same responses score differently.
 """
 
 from __future__ import annotations
@@ -328,8 +331,32 @@ def _ifeval_module():
 
 
 def ifeval_process_results(doc: Mapping, results: Sequence[str]) -> dict:
-    """lm-eval's ``ifeval`` ``process_results``, unchanged (strict and loose, prompt and instruction level)."""
-    return _ifeval_module().process_results(doc, results)
+    """lm-eval's ``ifeval`` ``process_results`` (strict and loose, prompt and instruction level), seeded.
+
+    The same calls as lm-eval's, with the strict and the loose test each run under Python's global
+    ``random`` seeded from the row's ``key`` (its state restored after): an instruction lm-eval builds
+    with a random argument draws the same one in both tests and in every run.
+    """
+    from ..verifiers import seeded_random
+
+    module = _ifeval_module()
+    inp = module.InputExample(
+        key=doc["key"],
+        instruction_id_list=doc["instruction_id_list"],
+        prompt=doc["prompt"],
+        kwargs=doc["kwargs"],
+    )
+    seed = f"ifeval:{doc['key']}"
+    with seeded_random(seed):
+        strict = module.test_instruction_following_strict(inp, results[0])
+    with seeded_random(seed):
+        loose = module.test_instruction_following_loose(inp, results[0])
+    return {
+        "prompt_level_strict_acc": strict.follow_all_instructions,
+        "inst_level_strict_acc": strict.follow_instruction_list,
+        "prompt_level_loose_acc": loose.follow_all_instructions,
+        "inst_level_loose_acc": loose.follow_instruction_list,
+    }
 
 
 def ifeval_agg_inst_level_acc(items: Sequence[Sequence[bool]]) -> float:
