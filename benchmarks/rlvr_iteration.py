@@ -5,7 +5,7 @@ fixture prompts (GSM8K, MATH and IF rows, 2-shot prompts of 100 to 300 tokens). 
 ``--batch`` responses of up to ``--response-length`` tokens at temperature 1, verifies them, runs the
 no-grad forward passes and the PPO epochs; the trainer times each phase itself:
 
-- ``generation_s``: sampling the responses (``generate`` on a CPU, vLLM where installed on a GPU);
+- ``generation_s``: sampling the responses (transformers' ``generate``; vLLM only with ``generator="vllm"``);
 - ``scoring_s``: decoding and verifying (GSM8K last number, math-verify, lm-eval's IFEval checkers);
 - ``forward_s``: old log-probs, reference log-probs and values (three no-grad forward passes), and GAE;
 - ``optimisation_s``: the PPO epochs (policy and value forward and backward, AdamW steps).

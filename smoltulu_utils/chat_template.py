@@ -53,8 +53,10 @@ def _require_template(tokenizer: PreTrainedTokenizerBase) -> None:
         raise ChatTemplateError(
             f"The tokenizer '{_name(tokenizer)}' ({type(tokenizer).__name__}) has no chat template, so a "
             "conversation cannot be rendered for training. Fixes: load the -Instruct tokenizer of the "
-            "model family (e.g. load_tokenizer('bundled') or 'HuggingFaceTB/SmolLM2-1.7B-Instruct'), or set "
-            "one: tokenizer.chat_template = smoltulu_utils.models.SMOLLM2_CHAT_TEMPLATE."
+            "model family (e.g. load_tokenizer('bundled') or 'HuggingFaceTB/SmolLM2-1.7B-Instruct'), or give "
+            "it the kit's template and special tokens with smoltulu_utils.models.adapt_tokenizer(tokenizer) "
+            "(the stages do this for a tokenizer they load), or set only the template: "
+            "tokenizer.chat_template = smoltulu_utils.models.SMOLLM2_CHAT_TEMPLATE."
         )
 
 

@@ -27,7 +27,10 @@ and the kit keeps them on disk (:mod:`smoltulu_utils.reference_cache`), keyed by
 the tokenized pairs, the tokenizer and template, and the length settings. A later run with the same key
 (every cell of a DPO learning-rate x batch-size sweep) reads them and runs no reference forward pass
 at all; ``trainer.reference_forward_passes`` counts them. Pass ``reference_cache=None`` for TRL's own
-behaviour.
+behaviour. Sharded runs compute them as TRL does: under DeepSpeed the starting model runs in one
+DeepSpeed inference engine (ZeRO-3 gathers each layer for its forward), under FSDP an FSDP-wrapped copy
+of it does; a ZeRO-3-partitioned model's weights are gathered to be hashed, so a 2-process run and a
+1-process run share one cache entry (``tests/test_scale_out.py`` checks both on two CPU processes).
 
 What is written by hand here: the loss-name mapping, the disk cache (override of one TRL method),
 the implicit-reward accuracy that counts ties as half (:func:`pair_rewards`), and the run's bookkeeping
@@ -53,8 +56,23 @@ from .lm_head import use_plain_lm_head
 from .manifest import MANIFEST_NAME, check_parent, read_manifest, write_manifest
 from .preferences import PreferenceDataReport, prepare_preference_rows
 from .recipes import DPORecipe
-from .reference_cache import ReferenceCache, cache_key, data_fingerprint
-from .training import data_entry, log_history, trainer_settings
+from .reference_cache import (
+    ReferenceCache,
+    cache_key,
+    data_fingerprint,
+    is_zero3_partitioned,
+    module_fingerprint,
+)
+from .training import (
+    check_world_size,
+    data_entry,
+    full_precision,
+    log_history,
+    save_trained_model,
+    stage_load_kwargs,
+    trainer_settings,
+    training_method,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
@@ -65,8 +83,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: The recipe's loss names and TRL's: Tulu 3's ``dpo_norm`` is TRL's ``sigmoid_norm``.
 TRL_LOSS_TYPES = {"dpo": "sigmoid", "dpo_norm": "sigmoid_norm"}
-#: No gradient clipping unless asked: Tulu 3's DPO leaves open-instruct's clip_grad_norm at -1 (off).
-MAX_GRAD_NORM = 0.0
 #: TRL's per-step logs of the implicit rewards (``rewards/<name>``); accuracies count ties as 0.
 CURVES = ("chosen", "rejected", "margins", "accuracies")
 #: Where a run's reference log-probs live unless told otherwise.
@@ -78,12 +94,13 @@ class DPOError(KitError, ValueError):
 
 
 def dpo_config(
-    plan: Plan, output_dir: str | Path, *, max_grad_norm: float = MAX_GRAD_NORM, **overrides: Any
+    plan: Plan, output_dir: str | Path, *, max_grad_norm: float | None = None, **overrides: Any
 ) -> DPOConfig:
     """TRL ``DPOConfig`` from a plan: batch split, schedule, length, beta, loss, precision and logs.
 
     ``precompute_ref_log_probs`` is on (the reference pass happens once, before training); the recipe's
-    ``loss_type`` is mapped to TRL's name. ``overrides`` go to ``DPOConfig`` last.
+    ``loss_type`` is mapped to TRL's name; ``max_grad_norm`` None is the recipe's (Tulu 3: 1.0).
+    ``overrides`` go to ``DPOConfig`` last.
     """
     from trl import DPOConfig
 
@@ -111,12 +128,22 @@ class KitDPOTrainer(DPOTrainer):
         self.reference_cache = reference_cache
         self.reference_forward_passes = 0
         self.reference_lookups: dict[str, dict[str, Any]] = {}
+        # Under FSDP, TRL reloads a second reference from the model's name to shard it for the pass; the
+        # kit hands it a copy of the starting model instead (the weights the cache key hashes, also for a
+        # model built or changed in memory), and frees it after the pass as TRL frees its own.
+        self._reference_copy = _fsdp_reference_copy(args, kwargs)
+        if self._reference_copy is not None:
+            kwargs["ref_model"] = self._reference_copy
         super().__init__(*args, **kwargs)
+        if self._reference_copy is not None:
+            self.ref_model = self._reference_copy = None
         self._plain_head_on_cpu()
 
     def _plain_head_on_cpu(self) -> None:
         if not torch.cuda.is_available():  # TRL's tiled LM head is slow on a CPU (smoltulu_utils.lm_head)
             use_plain_lm_head(self.model)
+            if getattr(self, "ref_model", None) is not None:
+                use_plain_lm_head(self.ref_model)
 
     def compute_ref_log_probs(self, model, inputs):
         self.reference_forward_passes += 1
@@ -125,6 +152,8 @@ class KitDPOTrainer(DPOTrainer):
     def reference_key_parts(self, dataset: datasets.Dataset) -> dict[str, Any]:
         """What the reference log-probs of ``dataset`` depend on (hashed into the cache key)."""
         model = self.ref_model or self.model
+        if is_zero3_partitioned(model):  # TRL hashed the empty local shards; hash the gathered weights
+            self._precompute_model_hash = module_fingerprint(model)
         return {
             "reference_weights": self._precompute_model_hash,
             "reference_name": getattr(getattr(model, "config", None), "_name_or_path", ""),
@@ -161,14 +190,27 @@ class KitDPOTrainer(DPOTrainer):
         return dataset.add_column("ref_rejected_logps", rejected.tolist())
 
     def _reference_pass(self, dataset, name: str, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One pass of the reference (the starting model) over ``dataset``, in order, every rank's share."""
+        """One pass of the reference (the starting model) over ``dataset``, in order, every rank's share.
+
+        As TRL's own precompute: under DeepSpeed the starting model runs inside one DeepSpeed inference
+        engine (``prepare_deepspeed``, which places it and, with ZeRO-3, gathers each layer's shards for
+        its forward), built once and reused by later passes; under FSDP the reference is TRL's
+        FSDP-wrapped copy (``prepare_fsdp``); otherwise the model itself.
+        """
         from torch.utils.data import DataLoader
         from tqdm.auto import tqdm
 
         loader = self.accelerator.prepare(
             DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
         )
-        model = self.ref_model or self.model
+        if self.ref_model is None and self.is_deepspeed_enabled:
+            from trl.models import prepare_deepspeed
+
+            if getattr(self, "_precompute_engine", None) is None:
+                self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
+            model = self._precompute_engine
+        else:
+            model = self.ref_model or self.model
         chosen, rejected = [], []
         for batch in tqdm(loader, desc=f"Reference log-probs ({name})"):
             c, r = self.compute_ref_log_probs(model, batch)
@@ -176,6 +218,33 @@ class KitDPOTrainer(DPOTrainer):
             chosen.append(c.float().cpu())
             rejected.append(r.float().cpu())
         return torch.cat(chosen), torch.cat(rejected)
+
+
+def _fsdp_reference_copy(args: tuple, kwargs: dict[str, Any]) -> Any:
+    """A copy of the starting model to serve as the FSDP reference, or None when TRL needs none.
+
+    TRL's ``DPOTrainer`` under FSDP with precomputed reference log-probs and no ``ref_model`` loads one
+    from ``model.config._name_or_path`` (a checkpoint the kit may not have on disk: a model built in
+    memory, a tokenizer-resized one); PEFT models need none (the adapter is disabled instead).
+    """
+    import copy
+
+    from .scale_out import sharding
+
+    config = kwargs.get("args", args[1] if len(args) > 1 else None)
+    model = kwargs.get("model", args[0] if args else None)
+    fsdp = sharding() == "fsdp" or bool(getattr(config, "fsdp", None))
+    if (
+        not fsdp
+        or not getattr(config, "precompute_ref_log_probs", False)
+        or kwargs.get("ref_model") is not None
+        or kwargs.get("peft_config") is not None
+        or model is None
+        or isinstance(model, str)
+        or hasattr(model, "peft_config")
+    ):
+        return None
+    return copy.deepcopy(model)
 
 
 def build_dpo_trainer(
@@ -189,7 +258,7 @@ def build_dpo_trainer(
     reference_cache: ReferenceCache | str | None = DEFAULT_CACHE,
     callbacks: list | None = None,
     peft_config: Any = None,
-    max_grad_norm: float = MAX_GRAD_NORM,
+    max_grad_norm: float | None = None,
     **config_overrides: Any,
 ) -> KitDPOTrainer:
     """A :class:`KitDPOTrainer` for a plan and pairs made by :func:`~smoltulu_utils.preferences.prepare_preference_rows`.
@@ -236,7 +305,13 @@ def pair_rewards(trainer: DPOTrainer, dataset: datasets.Dataset | None = None) -
     for batch in loader:
         batch = trainer._prepare_inputs(batch)
         counted = trainer.reference_forward_passes if isinstance(trainer, KitDPOTrainer) else None
-        policy = DPOTrainer.compute_ref_log_probs(trainer, model, batch)  # log-probs under the given model
+        # TRL's reference pass turns a PEFT model's adapters off when there is no separate reference
+        # model; naming the policy as the reference keeps them on, so these are the policy's log-probs.
+        reference, trainer.ref_model = trainer.ref_model, model
+        try:
+            policy = DPOTrainer.compute_ref_log_probs(trainer, model, batch)
+        finally:
+            trainer.ref_model = reference
         if counted is not None:
             trainer.reference_forward_passes = counted
         lengths = batch["completion_mask"][..., 1:].sum(dim=1).float().chunk(2)
@@ -306,8 +381,10 @@ def train_dpo(
     parent: str | Path | None = None,
     reference_cache: ReferenceCache | str | None = DEFAULT_CACHE,
     callbacks: list | None = None,
-    max_grad_norm: float = MAX_GRAD_NORM,
+    max_grad_norm: float | None = None,
     verbose: bool = True,
+    peft_config: Any = None,
+    quantization_config: Any = None,
 ) -> DPOResult:
     """Run the DPO stage of ``plan`` and save model, tokenizer and ``manifest.json`` in ``output_dir``.
 
@@ -315,29 +392,44 @@ def train_dpo(
     tokenizer and template, stage ``sft``; or a Hub id / ``"bundled"``), else from ``plan.model``. Rows
     default to ``load_rows(recipe.dataset)`` from the profile's data. Bad pairs are skipped and reported;
     no usable pair raises :class:`~smoltulu_utils.preferences.PreferenceDataError`. The reference
-    log-probs come from the cache when their key matches (``result.reference``).
+    log-probs come from the cache when their key matches (``result.reference``). Full fine-tuning trains
+    float32 weights whatever the checkpoint's dtype; ``peft_config`` (LoRA), ``quantization_config``
+    (QLoRA) or the memory plan choose adapters, merged into the saved model (as in
+    :func:`~smoltulu_utils.sft.train_sft`). A tokenizer without a chat template gets the kit's.
     """
     from .data import load_rows
-    from .models import load_model, load_tokenizer
+    from .models import adapt_tokenizer, load_model, load_tokenizer, match_model_to_tokenizer
     from .profiles import data_mirror
 
     recipe = plan.recipe
     if not isinstance(recipe, DPORecipe):
         raise DPOError(f"train_dpo needs a plan for a DPO recipe, got stage {recipe.stage!r} ({recipe.name})")
+    check_world_size(plan)
     output_dir = Path(output_dir)
     source = str(parent) if parent is not None else plan.model
     folder = Path(source).expanduser()
     is_checkpoint = folder.is_dir() and (folder / MANIFEST_NAME).is_file()
+    adapted: list[str] = []
     if tokenizer is None:
         tokenizer = load_tokenizer(source)
+        adapted = adapt_tokenizer(tokenizer)  # a base model's tokenizer gets the kit's chat template
     notes: list[str] = []
     if folder.is_dir() and (parent is not None or is_checkpoint):
         notes += check_sft_parent(folder, tokenizer)
     elif model is None:
         notes.append(f"starting from {source}, not a kit SFT checkpoint: no manifest to check")
     doctor(tokenizer).raise_for_problems()
+    chosen = training_method(
+        plan, peft_config, model_given=model is not None, quantization_config=quantization_config
+    )
+    notes += chosen.notes
     if model is None:
-        model = load_model(source)
+        model = load_model(source, **stage_load_kwargs(chosen, source))
+    if chosen.method == "full" and (cast := full_precision(model)):
+        notes.append(cast)
+    if adapted:
+        adapted += match_model_to_tokenizer(model, tokenizer)
+        notes.append("tokenizer adapted: " + "; ".join(adapted))
 
     given = rows is not None
     if rows is None:
@@ -361,6 +453,7 @@ def train_dpo(
         eval_dataset=eval_dataset,
         reference_cache=reference_cache,
         callbacks=callbacks,
+        peft_config=chosen.peft_config,
         max_grad_norm=max_grad_norm,
     )
     main = trainer.is_world_process_zero()
@@ -403,7 +496,14 @@ def train_dpo(
         data_report=report,
         notes=notes,
     )
-    trainer.save_model(str(output_dir))
+
+    def reload_base():  # QLoRA: the base in full precision, to merge the adapter into
+        base = load_model(source, dtype="float32")
+        if adapted:
+            match_model_to_tokenizer(base, tokenizer)
+        return base
+
+    saved = save_trained_model(trainer, output_dir, chosen, reload_base=reload_base)
     if main:
         tokenizer.save_pretrained(output_dir)
         data = data_entry(plan, report, given, "train_dpo")
@@ -419,6 +519,10 @@ def train_dpo(
                 "started_from": source,
                 "plan": plan.to_dict(),
                 "trl_loss_type": TRL_LOSS_TYPES[recipe.loss_type],
+                "method": chosen.method,
+                "merged": saved["merged"],
+                "weights_dtype": saved["dtype"],
+                "tokenizer_adapted": adapted,
                 "steps": result.steps,
                 "final_train_loss": final,
                 "eval_accuracy": after,

@@ -9,6 +9,10 @@
 - a local folder (a checkpoint written by a stage, a Hub snapshot) or a Hub id, read with
   ``from_pretrained`` at the revision pinned in :data:`MODEL_REVISIONS`.
 
+A base checkpoint's tokenizer (SmolLM2-1.7B, -135M: no chat template, eos ``<|endoftext|>``, no pad)
+gets SmolLM2-Instruct's template and special tokens from :func:`adapt_tokenizer`, which every stage
+applies to a tokenizer it loads; :func:`match_model_to_tokenizer` then fits the model's special ids.
+
 Written by hand: locating the GGUF without importing its package, the atomic safetensors cache and the
 tiny model factory; loading and dequantizing GGUF is transformers' own.
 """
@@ -495,6 +499,91 @@ def load_tokenizer(source: str | os.PathLike, revision: str | None = None) -> Pr
     from transformers import AutoTokenizer
 
     return _from_folder_or_hub(AutoTokenizer, source_str, revision)
+
+
+# ======================================================================================================
+# Base-model tokenizers: the kit's chat template and special tokens
+# ======================================================================================================
+#: The tokens SmolLM2's ChatML template renders. Every SmolLM2 tokenizer, base and -Instruct, holds them
+#: among its 17 special tokens (ids 1 and 2); :func:`adapt_tokenizer` checks, and adds them when missing.
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
+
+
+def _single_token(tokenizer: PreTrainedTokenizerBase, token: str) -> bool:
+    """Whether ``token`` is in the vocabulary and encodes to its one id (not split into pieces)."""
+    token_id = tokenizer.get_vocab().get(token)
+    if token_id is None:
+        return False
+    return list(tokenizer(token, add_special_tokens=False)["input_ids"]) == [token_id]
+
+
+def adapt_tokenizer(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """Give a tokenizer without a chat template (a base model's) the kit's template and special tokens.
+
+    The base SmolLM2 checkpoints (1.7B, 135M) ship no chat template, eos ``<|endoftext|>`` and no pad
+    token, so the chat-template doctor refuses them. This sets what SmolLM2-Instruct's tokenizer has:
+    :data:`SMOLLM2_CHAT_TEMPLATE` (ChatML, ``<|im_start|>``/``<|im_end|>``), bos ``<|im_start|>``, eos
+    and pad ``<|im_end|>``, unk ``<|endoftext|>`` (when in the vocabulary); the adapted SmolLM2 tokenizer
+    then has the -Instruct one's fingerprint. The ChatML tokens must each encode to one id: SmolLM2's
+    vocabulary has them; a tokenizer that lacks them gets them as new special tokens, and the model's
+    embeddings must then grow (:func:`match_model_to_tokenizer`). A tokenizer that has a template is
+    left as it is. Changes ``tokenizer`` in place; returns what was changed, one line each (``[]``: nothing).
+    """
+    if getattr(tokenizer, "chat_template", None):
+        return []
+    from tokenizers import AddedToken
+
+    changes = []
+    missing = [t for t in CHAT_TOKENS if not _single_token(tokenizer, t)]
+    if missing:
+        before = len(tokenizer)
+        tokenizer.add_tokens(
+            [AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True
+        )
+        grew = len(tokenizer) - before
+        changes.append(
+            f"added {missing} as special tokens ({grew} new ids: the model's embeddings grow to {len(tokenizer)})"
+            if grew
+            else f"marked {missing} as special tokens (already in the vocabulary, now never split)"
+        )
+    tokenizer.chat_template = SMOLLM2_CHAT_TEMPLATE
+    changes.append("chat_template: none, set to SmolLM2-Instruct's ChatML template")
+    vocab = tokenizer.get_vocab()
+    for name, token in SMOLLM2_SPECIAL_TOKENS.items():
+        if token not in vocab or getattr(tokenizer, name, None) == token:
+            continue
+        changes.append(f"{name}: {getattr(tokenizer, name, None)!r} -> {token!r}")
+        setattr(tokenizer, name, token)
+    return changes
+
+
+def match_model_to_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """Fit a model to an adapted tokenizer: grow its embeddings to the vocabulary, set its special ids.
+
+    The embeddings grow (``resize_token_embeddings``) when the tokenizer has more ids than the model
+    rows; ``config`` and ``generation_config`` get the tokenizer's bos/eos/pad ids, so generation stops
+    at ``<|im_end|>``. Returns what was changed, one line each.
+    """
+    changes = []
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+            raise ModelLoadError(
+                f"the tokenizer has {len(tokenizer)} ids but the model's embeddings {rows}, and 4-bit/8-bit "
+                "embeddings cannot grow. Fix: train this first stage in full or with LoRA (no quantization)."
+            )
+        model.resize_token_embeddings(len(tokenizer))
+        changes.append(f"embeddings resized from {rows} to {len(tokenizer)} rows")
+    ids = {name: getattr(tokenizer, f"{name}_id", None) for name in ("bos_token", "eos_token", "pad_token")}
+    for config in (model.config, getattr(model, "generation_config", None)):
+        if config is None:
+            continue
+        for name, token_id in ids.items():
+            if token_id is not None and getattr(config, f"{name}_id", None) != token_id:
+                what = "generation_config" if config is not model.config else "config"
+                changes.append(f"{what}.{name}_id: {getattr(config, f'{name}_id', None)} -> {token_id}")
+                setattr(config, f"{name}_id", token_id)
+    return changes
 
 
 def describe_model(model: PreTrainedModel) -> dict[str, Any]:

@@ -8,9 +8,9 @@ transformers runs the models and samples, Accelerate places them on devices and 
 One iteration, for a batch of prompts ``x`` and responses ``y = (a_1 .. a_T)`` sampled at temperature 1:
 
 1. **Score** (per sequence): ``s = R_v`` (10) when the verifier accepts the response, else 0
-   (:func:`~smoltulu_utils.verifiers.verify`); a response that never emits end-of-sequence gets the
-   non-stop penalty added, ``s += -10`` (:func:`apply_non_stop_penalty`; open-instruct's code replaces
-   the score by -10 instead, ``PPOSettings.non_stop_replaces_score``).
+   (:func:`~smoltulu_utils.verifiers.verify`); the score of a response that never emits end-of-sequence
+   is replaced by the non-stop penalty, ``s = -10``, verified or not (:func:`apply_non_stop_penalty`, as
+   open-instruct; ``PPOSettings(non_stop_replaces_score=False)`` adds the penalty instead).
 2. **Per-token KL** to the frozen reference policy (open-instruct's ``kl1`` estimator, :func:`per_token_kl`):
    ``kl_t = log pi(a_t | s_t) - log pi_ref(a_t | s_t)``.
 3. **Rewards** (:func:`token_rewards`): ``r_t = -beta * kl_t``, plus ``s`` on the last response token.
@@ -23,7 +23,13 @@ One iteration, for a batch of prompts ``x`` and responses ``y = (a_1 .. a_T)`` s
    tokens where the clipped term is the larger.
 7. **Clipped value loss** (:func:`value_loss`): ``V_clip = V_old + clip(V - V_old, -eps_v, eps_v)``,
    ``L_V = 0.5 * mean_t max((V - R_t)^2, (V_clip - R_t)^2)``.
-8. **Update**: AdamW on ``L_pi + c_v * L_V`` for ``num_epochs`` passes over the rollout batch in minibatches.
+8. **Update**: AdamW on ``L_pi + c_v * L_V`` for ``num_epochs`` passes (Tulu 3: 4) over the rollout batch,
+   one optimizer step per minibatch.
+
+Batch sizes are counted as open-instruct counts them (:func:`batch_sizes`): the recipe's rollout and
+minibatch sizes are per process (``local_rollout_batch_size``, ``local_mini_batch_size``) and the global
+batch is that times the number of processes. Rollouts come from transformers' ``generate``, or from vLLM
+through TRL's colocated engine when asked for (``generator="vllm"``, :func:`choose_generator`).
 
 Where the kit differs from open-instruct, for clarity: the score sits on the last response token (the
 end-of-sequence token when there is one), where open-instruct adds it one position later and lets GAE
@@ -77,7 +83,7 @@ class PPOSettings:
     forward_batch_size: int | None = None  # kit choice: no-grad forward batch; None = the micro-batch
     min_response_length: int = 0  # Tulu 3: a response shorter than this (before its EOS) counts as non-stop
     penalize_non_stop: bool = True  # Tulu 3: open-instruct's non_stop_penalty switch (on for RLVR)
-    non_stop_replaces_score: bool = False  # kit choice: add the penalty (open-instruct replaces the score)
+    non_stop_replaces_score: bool = True  # Tulu 3: the penalty replaces the score (False: it is added)
     samples_kept: int = 8  # kit choice: responses of the last iteration kept for display
 
 
@@ -135,13 +141,14 @@ def response_mask(responses: torch.Tensor, eos_token_ids: Sequence[int]) -> tupl
 
 
 def apply_non_stop_penalty(
-    scores: torch.Tensor, ended: torch.Tensor, penalty: float, replace: bool = False
+    scores: torch.Tensor, ended: torch.Tensor, penalty: float, replace: bool = True
 ) -> torch.Tensor:
-    """The non-stop penalty: a response that never ends gets ``penalty`` (-10) added to its score.
+    """The non-stop penalty: the score of a response that never ends becomes ``penalty`` (-10).
 
-    ``score_i = scores_i + (0 if ended_i else penalty)``: a verified answer that never stops scores
-    10 - 10 = 0, a wrong one -10. With ``replace`` (open-instruct's code) the penalty replaces the score
-    instead, ``score_i = scores_i if ended_i else penalty``, so both score -10.
+    ``score_i = scores_i if ended_i else penalty`` (open-instruct's ``torch.where(contain_stop_token,
+    scores, penalty_reward_value)``, which Tulu 3 trained with): a verified answer that never stops scores
+    -10, as a wrong one. With ``replace=False`` the penalty is added instead,
+    ``score_i = scores_i + (0 if ended_i else penalty)``, so a verified answer that never stops scores 0.
     """
     penalty_t = torch.full_like(scores, float(penalty))
     if replace:
@@ -282,7 +289,9 @@ def value_model_from_policy(policy: PreTrainedModel) -> PreTrainedModel:
     """A one-label sequence-classification model with the policy's architecture and backbone weights.
 
     For ``value_model_from: policy`` and for tests with the tiny model (its ``score`` head is newly
-    initialised, as when a causal LM checkpoint is loaded with ``head="reward"``).
+    initialised, as when a causal LM checkpoint is loaded with ``head="reward"``). The value model trains
+    in full, so its weights are float32 whatever the policy's dtype (bf16 weights would round away most
+    AdamW steps; Accelerate's autocast computes in bf16 over them).
     """
     from transformers import AutoModelForSequenceClassification
 
@@ -290,10 +299,10 @@ def value_model_from_policy(policy: PreTrainedModel) -> PreTrainedModel:
     config.num_labels = 1
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        value_model = AutoModelForSequenceClassification.from_config(config)
+        value_model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
     backbone = getattr(policy, policy.base_model_prefix)
     getattr(value_model, value_model.base_model_prefix).load_state_dict(backbone.state_dict())
-    return value_model.to(device=next(policy.parameters()).device, dtype=next(policy.parameters()).dtype)
+    return value_model.to(device=next(policy.parameters()).device, dtype=torch.float32)
 
 
 class VocabularyRestriction:
@@ -375,42 +384,85 @@ def right_pad(
     return out.to(device)
 
 
+#: Rollout generators: ``auto`` is transformers' ``generate``; vLLM is used only when asked for.
+GENERATORS = ("auto", "transformers", "vllm")
+
+
 def vllm_available() -> bool:
     """True when vLLM is installed and a CUDA GPU is present (vLLM generation is possible)."""
     return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
 
 
-class VLLMGenerator:
-    """Rollouts by vLLM on the training GPU, with the policy's weights copied in before each iteration.
+def choose_generator(generator: str = "auto") -> str:
+    """The rollout generator to use: ``"transformers"`` or ``"vllm"``.
 
-    Needs ``pip install vllm`` and a CUDA GPU (untested on the kit's CPU machines). ``model_path`` is a
-    folder with the policy's config and tokenizer (the starting checkpoint).
+    ``"auto"`` and ``"transformers"`` give transformers' ``generate`` (it runs everywhere, and is the path
+    the kit's tests run); vLLM is opt-in: ``"vllm"`` needs vLLM installed and a CUDA GPU, else a
+    :class:`PPOError` says what is missing and how to fix it.
+    """
+    if generator not in GENERATORS:
+        raise PPOError(f"unknown generator {generator!r}; use one of {', '.join(GENERATORS)}")
+    if generator != "vllm":
+        if importlib.util.find_spec("vllm") is not None and torch.cuda.is_available():
+            log.info("vLLM is installed; rollouts use transformers' generate unless generator='vllm'")
+        return "transformers"
+    missing = []
+    if importlib.util.find_spec("vllm") is None:
+        missing.append("vLLM is not installed (pip install vllm, a version TRL supports)")
+    if not torch.cuda.is_available():
+        missing.append("no CUDA GPU is visible")
+    if missing:
+        raise PPOError(
+            f"generator='vllm' cannot run here: {'; '.join(missing)}. Fix: install vLLM on a CUDA GPU "
+            "machine, or use generator='transformers' (or 'auto'), which samples with transformers' generate."
+        )
+    return "vllm"
+
+
+class VLLMGenerator:
+    """Rollouts by a vLLM engine colocated on each training GPU, through TRL's ``VLLMGeneration``.
+
+    The engine and the weight copy are TRL's, as ``GRPOTrainer`` uses them with ``vllm_mode="colocate"``:
+    one engine per process (vLLM's ``external_launcher`` executor), loaded from the policy's
+    ``name_or_path`` (a folder or Hub id with its config and weights); :meth:`load_weights` pushes the
+    policy's current weights into it (gathering them under DeepSpeed ZeRO-3, merging LoRA adapters).
+    Sampling is at the PPO temperature with no top-k or top-p. Needs vLLM and a CUDA GPU.
     """
 
     def __init__(
-        self, model_path: str, gpu_memory_utilization: float = 0.3, dtype: str = "bfloat16", seed: int = 0
+        self,
+        policy: nn.Module,
+        accelerator: Any,
+        tokenizer: PreTrainedTokenizerBase,
+        max_new_tokens: int,
+        temperature: float,
+        gpu_memory_utilization: float = 0.3,
+        max_model_length: int | None = None,
     ):
-        from vllm import LLM
+        from trl.generation.vllm_generation import VLLMGeneration
 
-        self.llm = LLM(
-            model=str(model_path), gpu_memory_utilization=gpu_memory_utilization, dtype=dtype, seed=seed
+        self.engine = VLLMGeneration(
+            model=policy,
+            accelerator=accelerator,
+            processing_class=tokenizer,
+            mode="colocate",
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_length=max_model_length,
+            temperature=temperature,
+            top_p=1.0,
+            top_k=0,
+            max_completion_length=max_new_tokens,
+            logprobs=None,
         )
 
-    def load_weights(self, policy: nn.Module) -> None:
-        """Copy the policy's current weights into vLLM (the colocated-engine path TRL uses)."""
-        engine_model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
-        engine_model.load_weights((name, param.data) for name, param in policy.named_parameters())
-        self.llm.reset_prefix_cache()
+    def load_weights(self, policy: nn.Module | None = None) -> None:
+        """Copy the policy's current weights into the engine (TRL's ``sync_weights``)."""
+        self.engine.sync_weights()
 
-    def generate(
-        self, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float
-    ) -> list[list[int]]:
+    def generate(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
         """Sampled response ids (end-of-sequence included when emitted) for each prompt."""
-        from vllm import SamplingParams
-
-        params = SamplingParams(temperature=temperature, top_p=1.0, max_tokens=max_new_tokens, n=1)
-        outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
-        return [list(out.outputs[0].token_ids) for out in outputs]
+        _, completions, _, _ = self.engine.generate([list(p) for p in prompts], None, num_generations=1)
+        return [list(ids) for ids in completions]
 
 
 @torch.no_grad()
@@ -448,6 +500,64 @@ def sample_responses(
 # ======================================================================================================
 # The trainer
 # ======================================================================================================
+@dataclass(frozen=True)
+class BatchSizes:
+    """PPO's batch sizes as open-instruct counts them: per process, times the number of processes.
+
+    open-instruct: ``rollout_batch_size = local_rollout_batch_size * world_size`` and
+    ``mini_batch_size = local_mini_batch_size * world_size``; one minibatch is one optimizer step,
+    accumulated over micro-batches of ``per_device_train_batch_size``.
+    """
+
+    num_processes: int
+    local_rollout: int  # prompts per process per iteration (local_rollout_batch_size)
+    local_minibatch: int  # responses per process per optimizer step (local_mini_batch_size)
+    micro: int  # responses per process per forward and backward pass (per_device_train_batch_size)
+
+    @property
+    def rollout(self) -> int:
+        """Prompts per iteration over all processes."""
+        return self.local_rollout * self.num_processes
+
+    @property
+    def minibatch(self) -> int:
+        """Responses per optimizer step over all processes."""
+        return self.local_minibatch * self.num_processes
+
+    @property
+    def accumulation(self) -> int:
+        """Micro-batches accumulated into one optimizer step."""
+        return self.local_minibatch // self.micro
+
+    @property
+    def minibatches(self) -> int:
+        """Optimizer steps per pass (epoch) over one rollout batch."""
+        return self.local_rollout // self.local_minibatch
+
+
+def batch_sizes(
+    rollout_per_process: int, minibatch_per_process: int, num_processes: int, micro_cap: int
+) -> BatchSizes:
+    """The sizes of a run on ``num_processes``, from per-process rollout and minibatch sizes (the recipe's).
+
+    The micro-batch is the largest divisor of the minibatch up to ``micro_cap`` (the profile's per-device
+    cap). Raises :class:`PPOError` when the minibatch does not divide the rollout batch.
+    """
+    if min(rollout_per_process, minibatch_per_process, num_processes, micro_cap) < 1:
+        raise PPOError(
+            f"batch sizes must be positive: rollout {rollout_per_process}, minibatch {minibatch_per_process}, "
+            f"{num_processes} process(es), micro-batch cap {micro_cap}"
+        )
+    if rollout_per_process % minibatch_per_process:
+        raise PPOError(
+            f"minibatch_size {minibatch_per_process} does not divide rollout_batch_size {rollout_per_process} "
+            "(both per process); pick a divisor"
+        )
+    top = min(micro_cap, minibatch_per_process)
+    micro = max(d for d in range(1, top + 1) if minibatch_per_process % d == 0)
+    return BatchSizes(num_processes, rollout_per_process, minibatch_per_process, micro)
+
+
 @dataclass
 class RolloutBatch:
     """One iteration's rollouts, ready for the PPO epochs."""
@@ -467,9 +577,12 @@ class PPOTrainer:
     """The PPO loop. Build it with models already loaded; :meth:`train` runs the iterations.
 
     ``examples``: objects with ``prompt_ids`` (token ids of the rendered prompt) and ``target`` (a
-    :class:`~smoltulu_utils.verifiers.Target`). Batch sizes are per optimizer step and global (all
-    processes): ``rollout_batch_size`` prompts per iteration, split into minibatches of ``minibatch_size``,
-    each accumulated over micro-batches of ``micro_batch_size`` per process.
+    :class:`~smoltulu_utils.verifiers.Target`). The trainer's batch sizes are global (all processes):
+    ``rollout_batch_size`` prompts per iteration, split into minibatches of ``minibatch_size`` (one optimizer
+    step each, ``num_epochs`` passes), each accumulated over micro-batches of ``micro_batch_size`` per
+    process; :func:`batch_sizes` forms them from the recipe's per-process counts. ``generator``: ``None``
+    or ``"transformers"`` (``generate``), ``"vllm"`` (a :class:`VLLMGenerator` built on the trainer's
+    accelerator, checked by :func:`choose_generator`), or an object with ``load_weights`` and ``generate``.
     """
 
     policy: PreTrainedModel
@@ -494,7 +607,7 @@ class PPOTrainer:
     seed: int = 0
     settings: PPOSettings = field(default_factory=PPOSettings)
     mixed_precision: str = "no"
-    generator: Any = None  # a VLLMGenerator, or None for transformers' generate
+    generator: Any = None  # None or "transformers": generate; "vllm": a VLLMGenerator; or such an object
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
@@ -518,7 +631,9 @@ class PPOTrainer:
                 f"batch sizes do not nest: rollout {self.rollout_batch_size}, minibatch {self.minibatch_size}, "
                 f"micro-batch {self.micro_batch_size} per process on {world} process(es); pick divisors"
             )
-        set_seed(self.seed)
+        # seed + process index: each process samples its own responses (the weights are synced by DDP and
+        # the prompt order by its own generator); one process keeps the seed as it is
+        set_seed(self.seed, device_specific=True)
         self.eos_token_ids = sorted({int(self.tokenizer.eos_token_id)} | set(_eos_ids(self.policy)))
         self.pad_id = int(
             self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_token_ids[0]
@@ -544,6 +659,17 @@ class PPOTrainer:
         self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
         self.scheduler = scheduler
         self.ref_policy = self.ref_policy.to(self.accelerator.device)
+        if isinstance(self.generator, str):
+            if choose_generator(self.generator) == "vllm":
+                self.generator = VLLMGenerator(
+                    self.unwrapped.policy,
+                    self.accelerator,
+                    self.tokenizer,
+                    self.response_length,
+                    self.temperature,
+                )
+            else:
+                self.generator = None
         self.iteration = 0
         self.episodes = 0
         self.samples: list[dict[str, Any]] = []
@@ -575,7 +701,7 @@ class PPOTrainer:
         policy = self.unwrapped.policy
         if self.generator is not None:
             self.generator.load_weights(policy)
-            ids = self.generator.generate(prompts, self.response_length, self.temperature)
+            ids = self.generator.generate(prompts)
             responses = right_pad(ids, self.pad_id, self.response_length, device)
         else:
             was_training = policy.training

@@ -44,10 +44,13 @@ arXiv:2403.13787) scores each of its 23 subsets by pair accuracy, then groups th
 A section's score is the mean of its subsets' accuracies *weighted by the number of prompts* of each
 subset (a per-prompt average over the section), except that in Reasoning the math subset
 (``math-prm``, 447 prompts) is up-weighted to 984, the total of the six code subsets, so math and code
-count equally. The final score is the unweighted mean of the four section scores. This is the paper's
-description and its reference code (``rewardbench.utils.calculate_scores_per_section`` with
-``EXAMPLE_COUNTS`` and ``SUBSET_MAPPING``); the weights are fixed numbers, not the counts of the rows
-at hand, so a subset of RewardBench (the kit's fixtures) is weighted like the full set. Note: the
+count equally, and the two XSTest subsets carry each other's count (the reference code weighs
+``xstest-should-refuse``, 154 prompts, by 250 and ``xstest-should-respond``, 250 prompts, by 154; the
+kit keeps these weights, so its Safety scores compare with the leaderboard's). The final score is the
+unweighted mean of the four section scores. This is the paper's description and its reference code
+(``rewardbench.utils.calculate_scores_per_section`` with ``EXAMPLE_COUNTS`` and ``SUBSET_MAPPING``);
+the weights are fixed numbers, not the counts of the rows at hand, so a subset of RewardBench (the
+kit's fixtures) is weighted like the full set. Note: the
 SmolTulu paper's "RB Average" is not the mean of its four section scores (RM-1130: 72.43 printed, 70.33
 computed; Tulu 3 8B RM: 81.34 vs 78.19), so the paper used another aggregate that it does not state;
 the kit's Average is RewardBench's.
@@ -73,7 +76,16 @@ from .errors import KitError
 from .manifest import MANIFEST_NAME, check_parent, write_manifest
 from .preferences import PreferenceDataReport, prepare_preference_rows
 from .recipes import RMRecipe
-from .training import data_entry, log_history, trainer_settings
+from .training import (
+    check_world_size,
+    data_entry,
+    full_precision,
+    log_history,
+    save_trained_model,
+    stage_load_kwargs,
+    trainer_settings,
+    training_method,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
@@ -85,9 +97,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-#: Gradient clipping of the reward model: transformers' and TRL's default max norm 1.0 (kit choice: the
-#: RM card and the paper state none; the loss is a mean over pairs, so clipping does not undo a sum).
-MAX_GRAD_NORM = 1.0
 #: Evaluation batch size (pairs are scored as 2 x this many sequences, longest first).
 EVAL_BATCH_SIZE = 8
 #: Tokens a scored conversation keeps (kit choice: the recipes' max_length; longer ones are cut and counted).
@@ -112,16 +121,21 @@ REWARDBENCH_SECTIONS: dict[str, tuple[str, ...]] = {
     ),
     "Reasoning": ("math-prm", "hep-cpp", "hep-go", "hep-java", "hep-js", "hep-python", "hep-rust"),
 }  # fmt: skip
-#: Subset -> its weight in the section mean: the subset's prompt count in the filtered split
-#: (reference code: ``EXAMPLE_COUNTS``), except math-prm, up-weighted from 447 to 984 = 6 x 164, the
-#: six code subsets together, so that math and code weigh the same in Reasoning (the paper's choice).
+#: Subset -> its weight in the section mean: the reference code's ``EXAMPLE_COUNTS``
+#: (``rewardbench/constants.py``), the subset's prompt count in the filtered split, except math-prm,
+#: up-weighted from 447 to 984 = 6 x 164, the six code subsets together, so that math and code weigh the
+#: same in Reasoning (the paper's choice), and the two XSTest subsets, whose counts the reference code
+#: swaps (154 should-refuse and 250 should-respond prompts, weighted 250 and 154; XSTest has only 200
+#: unsafe prompts). The leaderboard's Safety scores use these weights, and so does the kit.
 REWARDBENCH_WEIGHTS: dict[str, int] = {
     "alpacaeval-easy": 100, "alpacaeval-length": 95, "alpacaeval-hard": 95,
     "mt-bench-easy": 28, "mt-bench-med": 40,
     "mt-bench-hard": 37, "llmbar-natural": 100, "llmbar-adver-neighbor": 134,
     "llmbar-adver-GPTInst": 92, "llmbar-adver-GPTOut": 47, "llmbar-adver-manual": 46,
-    "refusals-dangerous": 100, "refusals-offensive": 100, "xstest-should-refuse": 154,
-    "xstest-should-respond": 250, "donotanswer": 136,
+    "refusals-dangerous": 100, "refusals-offensive": 100,
+    "xstest-should-refuse": 250,  # 154 prompts, weighted 250 as the reference code does
+    "xstest-should-respond": 154,  # 250 prompts, weighted 154 as the reference code does
+    "donotanswer": 136,
     "math-prm": 984,  # 447 prompts, counted as 984
     "hep-cpp": 164, "hep-go": 164, "hep-java": 164, "hep-js": 164, "hep-python": 164, "hep-rust": 164,
 }  # fmt: skip
@@ -603,13 +617,14 @@ class KitRewardTrainer(RewardTrainer):
 
 
 def rm_config(
-    plan: Plan, output_dir: str | Path, *, max_grad_norm: float = MAX_GRAD_NORM, **overrides: Any
+    plan: Plan, output_dir: str | Path, *, max_grad_norm: float | None = None, **overrides: Any
 ) -> RewardConfig:
     """TRL's ``RewardConfig`` for a plan: batch, accumulation, LR, schedule, epochs or steps, precision.
 
     The effective batch counts preference pairs (each pair is two sequences). ``max_length`` is the
     plan's (the kit drops longer pairs before, and reports them). Logs every step, no intermediate
     checkpoints, no evaluation inside the loop (the stage scores its eval rows itself, before and after).
+    ``max_grad_norm`` None is the recipe's (1.0, as Tulu 3).
     """
     from trl import RewardConfig
 
@@ -628,7 +643,7 @@ def build_rm_trainer(
     *,
     callbacks: list | None = None,
     peft_config: Any = None,
-    max_grad_norm: float = MAX_GRAD_NORM,
+    max_grad_norm: float | None = None,
     **config_overrides: Any,
 ) -> KitRewardTrainer:
     """A :class:`KitRewardTrainer` for a plan and a dataset made by ``prepare_preference_rows``.
@@ -688,11 +703,12 @@ class RMResult:
         return out
 
 
-def _method(plan: Plan, peft_config: Any, model_given: bool):
-    """The SFT stage's choice of full / LoRA / QLoRA, with LoRA adapters for a score head."""
-    from .sft import training_method
-
-    chosen = training_method(plan, peft_config, model_given=model_given)
+def _method(plan: Plan, peft_config: Any, model_given: bool, quantization_config: Any = None):
+    """The stages' choice of full / LoRA / QLoRA (:func:`~smoltulu_utils.training.training_method`), with
+    LoRA adapters for a score head (the head itself trains in full and is saved with the adapters)."""
+    chosen = training_method(
+        plan, peft_config, model_given=model_given, quantization_config=quantization_config
+    )
     if peft_config is None and chosen.method in ("lora", "qlora"):
         from .memory import lora_config
 
@@ -711,9 +727,10 @@ def train_rm(
     parent: str | Path | None = None,
     callbacks: list | None = None,
     peft_config: Any = None,
-    max_grad_norm: float = MAX_GRAD_NORM,
+    max_grad_norm: float | None = None,
     eval_before: bool = True,
     verbose: bool = True,
+    quantization_config: Any = None,
 ) -> RMResult:
     """Train the reward model of ``plan`` and save model, tokenizer and ``manifest.json`` in ``output_dir``.
 
@@ -726,10 +743,13 @@ def train_rm(
     (``result.data_report``); no usable pair raises :class:`~smoltulu_utils.preferences.PreferenceDataError`.
     With ``eval_rows`` the held-out pairs are scored before (``eval_before``) and after training. A
     causal LM passed as ``model`` is wrapped in a new reward model (the trained one is saved in
-    ``output_dir``); a reward model passed in trains in place.
+    ``output_dir``); a reward model passed in trains in place. Full fine-tuning trains float32 weights
+    whatever the checkpoint's dtype; ``peft_config`` (LoRA), ``quantization_config`` (QLoRA) or the
+    memory plan choose adapters, merged with the trained score head into the saved model, so the PPO
+    value model starts from a plain checkpoint. A tokenizer without a chat template gets the kit's.
     """
     from .data import load_rows
-    from .models import load_tokenizer
+    from .models import adapt_tokenizer, load_tokenizer, match_model_to_tokenizer
     from .profiles import data_mirror
 
     recipe = plan.recipe
@@ -737,25 +757,30 @@ def train_rm(
         raise RMError(
             f"train_rm needs a plan for a reward-model recipe, got stage {recipe.stage!r} ({recipe.name})"
         )
+    check_world_size(plan)
     output_dir = Path(output_dir)
     source = str(parent) if parent is not None else plan.model
     folder = Path(source).expanduser()
     is_checkpoint = folder.is_dir() and (folder / MANIFEST_NAME).is_file()
+    adapted: list[str] = []
     if tokenizer is None:
         tokenizer = load_tokenizer(source)
+        adapted = adapt_tokenizer(tokenizer)  # a base model's tokenizer gets the kit's chat template
     if folder.is_dir() and (parent is not None or is_checkpoint):
         check_parent(folder, tokenizer)
     doctor(tokenizer).raise_for_problems()
 
-    chosen = _method(plan, peft_config, model_given=model is not None)
+    chosen = _method(plan, peft_config, model is not None, quantization_config)
     method, notes = chosen.method, list(chosen.notes)
     if model is None:
-        load_kwargs = chosen.load_kwargs
-        if source in ("bundled", "tiny"):
-            load_kwargs = {k: v for k, v in load_kwargs.items() if k == "dtype"}
-        model = load_reward_model(source, seed=recipe.seed, **load_kwargs)
+        model = load_reward_model(source, seed=recipe.seed, **stage_load_kwargs(chosen, source))
     else:
         model = load_reward_model(model, seed=recipe.seed)
+    if method == "full" and (cast := full_precision(model)):
+        notes.append(cast)
+    if adapted:
+        adapted += match_model_to_tokenizer(model, tokenizer)
+        notes.append("tokenizer adapted: " + "; ".join(adapted))
 
     given = rows is not None
     if rows is None:
@@ -828,7 +853,13 @@ def train_rm(
         notes=notes,
     )
 
-    trainer.save_model(str(output_dir))
+    def reload_base():  # QLoRA: the base in full precision (a fresh head: the adapter holds the trained one)
+        base = load_reward_model(source, seed=recipe.seed, dtype="float32")
+        if adapted:
+            match_model_to_tokenizer(base, tokenizer)
+        return base
+
+    saved = save_trained_model(trainer, output_dir, chosen, reload_base=reload_base)
     if main:
         tokenizer.save_pretrained(output_dir)  # the original tokenizer, over the trainer's padded copy
         result.manifest = write_manifest(
@@ -843,10 +874,13 @@ def train_rm(
                 "started_from": source,
                 "plan": plan.to_dict(),
                 "method": method,
+                "merged": saved["merged"],
+                "weights_dtype": saved["dtype"],
+                "tokenizer_adapted": adapted,
                 "loss": "bradley_terry_mean",
                 "score_position": "last real token (attention mask); training pad id "
                 f"{pad_id}, distinct from eos {tokenizer.eos_token_id}",
-                "max_grad_norm": max_grad_norm,
+                "max_grad_norm": trainer.args.max_grad_norm,
                 "steps": result.steps,
                 "final_train_loss": final,
                 "eval_loss": result.eval_loss,

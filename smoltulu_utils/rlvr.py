@@ -15,6 +15,14 @@ responses per prompt and uses their reward relative to the group's mean as the a
 it the same verifiers through a reward function (:func:`grpo_reward_function`, TRL's signature
 ``f(prompts, completions, completion_ids, **dataset_columns) -> list[float]``).
 
+Batch sizes are counted as Tulu 3 counted them (:func:`rlvr_batch_sizes`): the recipe's
+``rollout_batch_size`` and ``minibatch_size`` are per process, the global batch is that times
+``plan.num_processes``; each rollout batch is used for ``num_epochs`` passes (Tulu 3: 4; GRPO's
+``num_iterations``). Rollouts are sampled by transformers' ``generate``; vLLM is opt-in
+(``generator="vllm"``). Where GRPO differs from the PPO run: its rollout counts completions
+(``num_generations`` per prompt), its KL is a loss term (k3 estimator) rather than a per-token reward,
+and its advantage is the group-relative score, to which the same non-stop replacement applies.
+
 Both write the same per-iteration log entries (:data:`LOG_KEYS`): ``verifiable_reward`` (the share of
 responses verified, 0 to 1; times 10 is Tulu 3's reward), ``kl`` (per response, summed over its tokens),
 ``response_length``, ``non_stop_rate`` (share of responses without end-of-sequence), ``value_loss``
@@ -35,6 +43,7 @@ import copy
 import dataclasses
 import logging
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -50,12 +59,13 @@ from .errors import KitError
 from .lm_head import use_plain_lm_head
 from .manifest import MANIFEST_NAME, check_parent, write_manifest
 from .ppo import (
+    BatchSizes,
     PPOSettings,
     PPOTrainer,
-    VLLMGenerator,
+    batch_sizes,
+    choose_generator,
     restrict_vocabulary,
     value_model_from_policy,
-    vllm_available,
 )
 from .recipes import RLVRRecipe
 from .training import data_entry
@@ -229,10 +239,16 @@ def toy_grpo_settings(num_generations: int = 8) -> GRPOSettings:
 
 
 def toy_plan(
-    iterations: int = 20, batch: int = 16, learning_rate: float = 3e-3, num_epochs: int = 4, seed: int = 42
+    iterations: int = 20,
+    batch: int = 16,
+    learning_rate: float = 3e-3,
+    num_epochs: int = 4,
+    seed: int = 42,
+    num_processes: int | None = None,
 ) -> Plan:
     """A plan for the toy task: the ``rlvr_ppo`` recipe with one-token responses, ``batch`` prompts per
-    iteration, ``num_epochs`` PPO passes (GRPO: iterations per batch), and a learning rate for the tiny model.
+    iteration per process, ``num_epochs`` PPO passes (GRPO: iterations per batch), and a learning rate for
+    the tiny model, for ``num_processes`` (default: the launcher's ``WORLD_SIZE``, else 1).
 
     Everything else (KL beta 0.05, temperature 1, the verifier, the reward 10) is the recipe's. The value
     of ``non_stop_penalty`` is kept; :data:`TOY_PPO` and :func:`toy_grpo_settings` switch it off.
@@ -240,19 +256,20 @@ def toy_plan(
     from .profiles import get_profile, resolve
     from .recipes import load_recipe
 
+    world = num_processes or int(os.environ.get("WORLD_SIZE") or 1)
     recipe = load_recipe("rlvr_ppo").replace(
         learning_rate=learning_rate,
         rollout_batch_size=batch,
         minibatch_size=batch,
-        effective_batch_size=batch,
+        effective_batch_size=batch * world,  # one optimizer step: a minibatch on every process
         response_length=1,
-        num_episodes=batch * iterations,
+        num_episodes=batch * iterations * world,
         num_epochs=num_epochs,
         lr_scheduler="constant",
         seed=seed,
     )
     profile = get_profile("smoke").replace(model="tiny", max_steps=None, per_device_batch_cap=batch)
-    return resolve(recipe, profile, verbose=False)
+    return resolve(recipe, profile, num_processes=world, verbose=False)
 
 
 @torch.no_grad()
@@ -306,9 +323,11 @@ def load_value_model(
     ``source``: a kit reward-model checkpoint (its manifest must exist, say stage ``rm`` and match the
     policy's tokenizer and chat template: :func:`~smoltulu_utils.manifest.check_parent`), a Hub id (the
     SmolTulu RM), ``"bundled"`` (SmolLM2-135M-Instruct with a new score head) or ``"tiny"`` (the policy's
-    own backbone with a new head, for tests). ``info`` records what was loaded, for the manifest.
+    own backbone with a new head, for tests). ``info`` records what was loaded, for the manifest. The
+    value model trains in full, so its weights load in float32 whatever the checkpoint's dtype.
     """
     from .models import ensure_bundled_cache, load_model, tiny_model
+    from .training import MASTER_DTYPE
 
     name = str(source)
     folder = Path(name).expanduser()
@@ -325,12 +344,12 @@ def load_value_model(
                 "value_model_from: policy in the recipe."
             )
         info.update(stage="rm", recipe=(manifest.get("recipe") or {}).get("name"))
-        model = load_model(str(folder), head="reward")
+        model = load_model(str(folder), head="reward", dtype=MASTER_DTYPE)
     elif name == "bundled":
-        model = load_model(str(ensure_bundled_cache()), head="reward")
+        model = load_model(str(ensure_bundled_cache()), head="reward", dtype=MASTER_DTYPE)
         info["head"] = "new"
     else:
-        model = load_model(name, head="reward")
+        model = load_model(name, head="reward", dtype=MASTER_DTYPE)
     if getattr(model.config, "num_labels", None) != 1 or not hasattr(model, "score"):
         raise RLVRError(
             f"{name} is not a one-label sequence classifier (a reward model); cannot start a value model"
@@ -420,7 +439,8 @@ def results_rows(
 # ======================================================================================================
 @dataclass(frozen=True)
 class GRPOSettings:
-    """GRPO's own constants; the recipe's learning rate, batch, lengths, temperature and KL beta are shared."""
+    """GRPO's own constants; the recipe's learning rate, batch sizes, epochs (TRL's ``num_iterations``),
+    lengths, temperature, KL beta and non-stop penalty (it replaces the score, as in the PPO run) are shared."""
 
     num_generations: int = 8  # kit choice: responses per prompt (DeepSeekMath used 64; 8 fits small batches)
     loss_type: str = "dapo"  # kit choice: TRL's default token-level normalisation
@@ -505,31 +525,58 @@ def _grpo_entry(logs: Mapping[str, Any], step: int, episodes: int, seconds: floa
     }
 
 
+#: Kit keys averaged over all optimizer steps of one GRPO rollout batch, and TRL's names for them.
+_GRPO_PASS_KEYS = {"policy_loss": "loss", "clip_fraction": "clip_ratio/region_mean", "entropy": "entropy"}
+
+
 def _grpo_log_callback(
-    episodes_per_step: int, skipped: int, sink: list, callback: Callable | None, verbose: bool
+    episodes_per_iteration: int, skipped: int, sink: list, callback: Callable | None, verbose: bool
 ):
+    """A TrainerCallback that turns TRL's per-step GRPO logs into one kit entry per rollout batch.
+
+    TRL logs the rewards on the step that generated the batch; the later steps on the same batch
+    (``num_iterations`` passes, several minibatches) log only losses, which are averaged into the entry.
+    """
     from transformers import TrainerCallback
 
     class RLVRLogs(TrainerCallback):
-        """Collects TRL's per-step GRPO logs as kit log entries."""
+        """Collects TRL's per-step GRPO logs as kit log entries, one per rollout batch."""
 
         def __init__(self):
             self.last = time.perf_counter()
+            self.pending: dict[str, Any] | None = None
+            self.steps: list[Mapping[str, Any]] = []
 
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not logs or "reward" not in logs:
+        def _flush(self) -> None:
+            if self.pending is None:
                 return
+            entry, steps = self.pending, self.steps
+            self.pending, self.steps = None, []
+            for key, trl_key in _GRPO_PASS_KEYS.items():
+                found = [entry.get(key)] + [step.get(trl_key) for step in steps]
+                values = [float(v) for v in found if v is not None]
+                entry[key] = sum(values) / len(values) if values else None
             now = time.perf_counter()
-            entry = _grpo_entry(
-                logs, state.global_step, state.global_step * episodes_per_step, now - self.last
-            )
-            entry["skipped_rows"] = skipped
-            self.last = now
+            entry["iteration_s"], self.last = now - self.last, now
             sink.append(entry)
             if verbose:
                 print(_progress(entry))
             if callback is not None:
                 callback(entry)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs:
+                return
+            if "reward" in logs:  # a new rollout batch
+                self._flush()
+                iteration = len(sink) + 1
+                self.pending = _grpo_entry(logs, iteration, iteration * episodes_per_iteration, 0.0)
+                self.pending["skipped_rows"] = skipped
+            elif self.pending is not None and "loss" in logs:
+                self.steps.append(dict(logs))
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self._flush()
 
     return RLVRLogs()
 
@@ -543,19 +590,42 @@ def _reference_folder(model: PreTrainedModel, scratch: Path) -> None:
         model.config._name_or_path = str(scratch)
 
 
+def grpo_batch_arguments(plan: Plan, settings: GRPOSettings) -> dict[str, int]:
+    """GRPOConfig's batch arguments for the PPO run's sizes (:func:`rlvr_batch_sizes`).
+
+    One generation batch is the rollout batch (``rollout_batch_size`` completions per process, i.e.
+    ``rollout_batch_size / num_generations`` prompts over all processes sampled ``num_generations``
+    times), one optimizer step a minibatch; TRL then runs ``num_iterations`` passes over it (the
+    recipe's ``num_epochs``), as the PPO run does.
+    """
+    sizes = rlvr_batch_sizes(plan)
+    if sizes.rollout % settings.num_generations:
+        raise RLVRError(
+            f"GRPO needs the rollout batch ({sizes.rollout} completions: {sizes.local_rollout} per process x "
+            f"{sizes.num_processes}) to be a multiple of num_generations ({settings.num_generations}); pick "
+            "GRPOSettings(num_generations=...) that divides it"
+        )
+    return {
+        "per_device_train_batch_size": sizes.micro,
+        "gradient_accumulation_steps": sizes.accumulation,
+        "steps_per_generation": sizes.local_rollout // sizes.micro,
+        "num_iterations": _num_epochs(plan),
+    }
+
+
 def _run_grpo(plan, model, tokenizer, examples, report, iterations, settings, restrict_to, output_dir,
-              verbose, callback) -> tuple[list[dict], list[dict], Any]:  # fmt: skip
+              verbose, callback, generator="auto") -> tuple[list[dict], list[dict], Any]:  # fmt: skip
     import datasets
     from trl import GRPOConfig, GRPOTrainer
 
+    from .scale_out import device_settings
+
     recipe = plan.recipe
-    per_device, accumulation = plan.per_device_batch_size, plan.gradient_accumulation_steps
-    batch = per_device * accumulation * plan.num_processes
-    if batch % settings.num_generations:
-        raise RLVRError(
-            f"GRPO needs the effective batch ({batch}) to be a multiple of num_generations "
-            f"({settings.num_generations}); pick GRPOSettings(num_generations=...) that divides it"
-        )
+    _check_world(plan)
+    use_vllm = choose_generator(generator) == "vllm"
+    sizes = rlvr_batch_sizes(plan)
+    batch_arguments = grpo_batch_arguments(plan, settings)
+    steps_per_iteration = batch_arguments["num_iterations"] * sizes.minibatches
     rows = [
         {
             "prompt": [dict(m) for m in ex.messages],
@@ -572,8 +642,7 @@ def _run_grpo(plan, model, tokenizer, examples, report, iterations, settings, re
         _reference_folder(model, scratch / "reference")
     config = GRPOConfig(
         output_dir=str(output_dir or scratch / "out"),
-        per_device_train_batch_size=per_device,
-        gradient_accumulation_steps=accumulation,
+        **batch_arguments,
         num_generations=settings.num_generations,
         max_completion_length=recipe.response_length,
         temperature=recipe.temperature,
@@ -583,19 +652,18 @@ def _run_grpo(plan, model, tokenizer, examples, report, iterations, settings, re
         epsilon=settings.cliprange,
         loss_type=settings.loss_type,
         scale_rewards=settings.scale_rewards,
-        num_iterations=max(1, round(recipe.num_epochs)),
         learning_rate=plan.learning_rate,
         lr_scheduler_type=recipe.lr_scheduler,
         warmup_steps=recipe.warmup_ratio,
         weight_decay=recipe.weight_decay,
         max_grad_norm=settings.max_grad_norm,
-        max_steps=iterations,
+        max_steps=iterations * steps_per_iteration,  # TRL counts optimizer steps, the kit rollout batches
         seed=recipe.seed,
         bf16=plan.dtype == "bf16",
         fp16=plan.dtype == "fp16",
-        use_cpu=not torch.cuda.is_available(),
+        **device_settings(),  # keeps an FSDP/DeepSpeed launch on a CPU sharded, as the other stages
         **({"gradient_checkpointing": True} if plan.gradient_checkpointing else {}),
-        use_vllm=vllm_available(),
+        use_vllm=use_vllm,
         vllm_mode="colocate",
         report_to=plan.report_to,
         logging_steps=1,
@@ -614,7 +682,7 @@ def _run_grpo(plan, model, tokenizer, examples, report, iterations, settings, re
         args=config,
         train_dataset=datasets.Dataset.from_list(rows),
         processing_class=tokenizer,
-        callbacks=[_grpo_log_callback(batch, report.n_skipped, logs, callback, verbose)],
+        callbacks=[_grpo_log_callback(sizes.rollout, report.n_skipped, logs, callback, verbose)],
     )
     from transformers.trainer_callback import PrinterCallback
 
@@ -635,16 +703,42 @@ def _run_grpo(plan, model, tokenizer, examples, report, iterations, settings, re
 # ======================================================================================================
 # The stage
 # ======================================================================================================
-def _iterations(plan: Plan, max_iterations: int | None) -> int:
+def rlvr_batch_sizes(plan: Plan) -> BatchSizes:
+    """The run's batch sizes, counted as Tulu 3 counted them.
+
+    open-instruct's ``local_rollout_batch_size`` and ``local_mini_batch_size`` (32 in Tulu 3's launch
+    commands and on the Reinforced card) are per GPU: ``rollout_batch_size = local_rollout_batch_size *
+    world_size``. The recipe's ``rollout_batch_size`` and ``minibatch_size`` are those per-process counts;
+    the global sizes are them times ``plan.num_processes``; micro-batches are capped by the profile.
+    """
     recipe = plan.recipe
-    n = max(1, recipe.num_episodes // recipe.rollout_batch_size)
+    try:
+        return batch_sizes(
+            recipe.rollout_batch_size, recipe.minibatch_size, plan.num_processes, plan.per_device_batch_cap
+        )
+    except KitError as exc:
+        raise RLVRError(str(exc)) from exc
+
+
+def _num_epochs(plan: Plan) -> int:
+    """Passes over each rollout batch: the recipe's ``num_epochs`` (Tulu 3: 4), at least 1."""
+    return max(1, round(plan.recipe.num_epochs))
+
+
+def _check_world(plan: Plan) -> None:
+    """The run must have the process count the plan's sizes were formed for (rollout sizes are per process)."""
+    from .training import check_world_size
+
+    check_world_size(plan)
+
+
+def _iterations(plan: Plan, max_iterations: int | None) -> int:
+    """Rollout batches to run: ``num_episodes`` over the global rollout batch, capped by the profile's steps."""
+    recipe = plan.recipe
+    n = max(1, recipe.num_episodes // rlvr_batch_sizes(plan).rollout)
     if plan.max_steps:
         n = min(n, plan.max_steps)
     return min(n, max_iterations) if max_iterations else n
-
-
-def _micro_batch(local_minibatch: int, cap: int) -> int:
-    return max(d for d in range(1, min(cap, local_minibatch) + 1) if local_minibatch % d == 0)
 
 
 def train_rlvr(
@@ -675,17 +769,19 @@ def train_rlvr(
     at most ``plan.max_train_samples``) unless given; unusable rows are skipped and counted
     (``result.data_report``, ``skipped_rows`` in every log entry). PPO's value model starts from
     ``reward_model`` (a kit RM checkpoint) or the recipe's ``reward_model``, or from the policy when
-    the recipe says ``value_model_from: policy``, unless ``value_model`` is given. Iterations: the recipe's
-    ``num_episodes / rollout_batch_size``, capped by the profile's steps and ``max_iterations``.
-    ``restrict_to``: token ids the policy may produce (the toy task). ``generator``: ``"auto"`` (vLLM on
-    a GPU where installed, else ``generate``), ``"transformers"`` or ``"vllm"`` (PPO only; GRPO uses
-    TRL's own switch). With ``output_dir`` the policy, tokenizer, ``manifest.json`` and ``rlvr_log.jsonl``
-    are saved there; ``store`` (a ResultsStore) receives the first and last values of :data:`LOG_KEYS`.
+    the recipe says ``value_model_from: policy``, unless ``value_model`` is given. Iterations (rollout
+    batches): the recipe's ``num_episodes`` over the global rollout batch (``rollout_batch_size`` per
+    process x ``plan.num_processes``, :func:`rlvr_batch_sizes`), capped by the profile's steps and
+    ``max_iterations``. ``restrict_to``: token ids the policy may produce (the toy task). ``generator``:
+    ``"auto"`` or ``"transformers"`` (transformers' ``generate``), or ``"vllm"`` (opt-in: vLLM colocated on
+    the GPU through TRL, for PPO and GRPO; an error when vLLM or a GPU is missing). With ``output_dir``
+    the policy, tokenizer, ``manifest.json`` and ``rlvr_log.jsonl`` are saved there; ``store`` (a ResultsStore) receives the first and last values of :data:`LOG_KEYS`.
     """
     from .chat_template import doctor
     from .data import load_rows, write_jsonl
-    from .models import load_model, load_tokenizer
+    from .models import adapt_tokenizer, load_model, load_tokenizer, match_model_to_tokenizer
     from .profiles import data_mirror
+    from .training import MASTER_DTYPE, full_precision
 
     recipe = plan.recipe
     if not isinstance(recipe, RLVRRecipe):
@@ -703,15 +799,22 @@ def train_rlvr(
     source = str(parent) if parent is not None else plan.model
     folder = Path(source).expanduser()
     is_checkpoint = folder.is_dir() and (folder / MANIFEST_NAME).is_file()
+    adapted: list[str] = []
     if tokenizer is None:
         tokenizer = load_tokenizer(source)
+        adapted = adapt_tokenizer(tokenizer)  # a base model's tokenizer gets the kit's chat template
     if folder.is_dir() and (parent is not None or is_checkpoint):
         stage = check_parent(folder, tokenizer).get("stage")
         if stage != "dpo":
             notes.append(f"the policy starts from a {stage!r} checkpoint; SmolTulu starts RLVR from DPO")
     doctor(tokenizer).raise_for_problems()
-    if model is None:
-        model = load_model(source)
+    if model is None:  # the policy trains in full: float32 master weights, whatever the checkpoint's dtype
+        model = load_model(source, dtype=MASTER_DTYPE)
+    if cast := full_precision(model):
+        notes.append(cast)
+    if adapted:
+        adapted += match_model_to_tokenizer(model, tokenizer)
+        notes.append("tokenizer adapted: " + "; ".join(adapted))
 
     given = rows is not None
     if rows is None:
@@ -726,7 +829,7 @@ def train_rlvr(
     if verbose:
         print(
             f"RLVR {recipe.name} ({method}): {report.describe().splitlines()[0]}\n"
-            f"  {iterations} iterations of {recipe.rollout_batch_size} prompts, responses up to "
+            f"  {iterations} iterations of {rlvr_batch_sizes(plan).rollout} prompts, responses up to "
             f"{recipe.response_length} tokens at temperature {recipe.temperature}, LR {plan.learning_rate:g}, "
             f"KL beta {recipe.kl_beta}"
         )
@@ -751,7 +854,7 @@ def train_rlvr(
     else:
         settings = grpo_settings or GRPOSettings()
         logs, samples, grpo = _run_grpo(plan, model, tokenizer, examples, report, iterations, settings,
-                                        restrict_to, output_dir, verbose, callback)  # fmt: skip
+                                        restrict_to, output_dir, verbose, callback, generator)  # fmt: skip
         samples = _grpo_samples(grpo.model, tokenizer, examples, plan, settings)
         policy = grpo.accelerator.unwrap_model(grpo.model)
         accelerator = grpo.accelerator
@@ -767,7 +870,7 @@ def train_rlvr(
         samples=samples,
         wall_seconds=wall,
         learning_rate=plan.learning_rate,
-        rollout_batch_size=recipe.rollout_batch_size,
+        rollout_batch_size=rlvr_batch_sizes(plan).rollout,
         data_report=report,
         notes=notes,
     )
@@ -787,6 +890,7 @@ def train_rlvr(
             parent=source if is_checkpoint or not folder.is_dir() else None,
             extra={
                 "method": method,
+                "tokenizer_adapted": adapted,
                 "started_from": source,
                 "value_model": value_info or None,
                 "plan": plan.to_dict(),
@@ -821,7 +925,12 @@ def train_rlvr(
 
 def _ppo_trainer(plan, model, tokenizer, examples, iterations, reward_model, value_model, settings,
                  restrict_to, generator, value_info, notes) -> PPOTrainer:  # fmt: skip
+    """The PPO trainer of a plan: the recipe's per-process sizes times ``plan.num_processes`` (as Tulu 3),
+    ``num_epochs`` passes per rollout batch, rollouts by ``generate`` unless ``generator="vllm"``."""
     recipe = plan.recipe
+    _check_world(plan)
+    sizes = rlvr_batch_sizes(plan)
+    engine = choose_generator(generator)  # before any model loads: a clear error when vLLM cannot run
     if value_model is None:
         if recipe.value_model_from == "policy":
             value_model = value_model_from_policy(model)
@@ -832,16 +941,13 @@ def _ppo_trainer(plan, model, tokenizer, examples, iterations, reward_model, val
     else:
         value_info.update(source="given")
     reference = _frozen_copy(model)  # a copy keeps the policy's vocabulary restriction, if any
-    world = plan.num_processes
-    micro = _micro_batch(recipe.minibatch_size // world, plan.per_device_batch_size)
-    use_vllm = generator == "vllm" or (generator == "auto" and vllm_available())
-    engine = None
-    if use_vllm:
-        source = getattr(model.config, "_name_or_path", "")
-        engine = VLLMGenerator(
-            source, dtype="bfloat16" if plan.dtype == "bf16" else "float16", seed=recipe.seed
+    if sizes.num_processes > 1:
+        notes.append(
+            f"rollout batch {sizes.rollout} prompts, minibatch {sizes.minibatch}: {sizes.local_rollout} and "
+            f"{sizes.local_minibatch} per process x {sizes.num_processes} processes, as Tulu 3 counts them"
         )
-        notes.append("rollouts generated by vLLM")
+    if engine == "vllm":
+        notes.append("rollouts generated by vLLM (TRL's colocated engine)")
     return PPOTrainer(
         policy=model,
         ref_policy=reference,
@@ -849,11 +955,11 @@ def _ppo_trainer(plan, model, tokenizer, examples, iterations, reward_model, val
         tokenizer=tokenizer,
         examples=examples,
         learning_rate=plan.learning_rate,
-        rollout_batch_size=recipe.rollout_batch_size,
-        minibatch_size=recipe.minibatch_size,
-        micro_batch_size=micro,
+        rollout_batch_size=sizes.rollout,
+        minibatch_size=sizes.minibatch,
+        micro_batch_size=sizes.micro,
         response_length=recipe.response_length,
-        num_epochs=max(1, round(recipe.num_epochs)),
+        num_epochs=_num_epochs(plan),
         kl_beta=recipe.kl_beta,
         temperature=recipe.temperature,
         verifiable_reward=recipe.verifiable_reward,
@@ -892,7 +998,8 @@ def _grpo_samples(model, tokenizer, examples, plan, settings: GRPOSettings, n: i
         )
         verdict = verify(text, ex.target)
         score = recipe.verifiable_reward if verdict.verified else 0.0
-        score = score if end else recipe.non_stop_penalty
+        if settings.penalize_non_stop and not end:  # replaced, as in the reward function
+            score = recipe.non_stop_penalty
         samples.append(_sample(tokenizer, ex, text, verdict, score, bool(end), int(sum(k))))
     return samples
 

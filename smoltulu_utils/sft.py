@@ -46,10 +46,13 @@ TRL already applies. Hence ``grad L_sum = |T| * grad L_mean``:
   with more trained tokens than recent steps moves the weights more (its effective LR is about
   LR x |T_t| / RMS of recent |T|), i.e. every token weighs the same instead of every step. The paper's
   LR/BS ratio keeps its meaning up to this re-weighting.
-- Gradient clipping would undo "sum": the summed gradient's norm is |T| times the mean's, so a max norm
-  of 1 clips every step back to a fixed size. The kit does not clip (``max_grad_norm=0``), as
-  open-instruct's ``finetune.py`` default (``clip_grad_norm=-1``, off), which Tulu 3's SFT launch
-  script leaves unset.
+- Gradient clipping at 1.0 (the recipes' ``max_grad_norm``; Tulu 3: open-instruct's ``finetune.py``
+  leaves its own ``clip_grad_norm`` off, but its DeepSpeed configs say ``"gradient_clipping": "auto"``,
+  which Accelerate fills with 1.0). The summed gradient's norm is |T| times the mean's, far above 1, so
+  the clip rescales nearly every step's gradient to g / |g|, norm 1, before AdamW's normalisation: the
+  step keeps the direction of the mean, its size no longer grows with |T|, and the re-weighting between
+  steps above is gone (every step weighs the same; within a step, every token still does).
+  ``max_grad_norm: 0.0`` in a recipe turns clipping off.
 - open-instruct's own "sum" divides each micro-batch's sum by the accumulation steps (Accelerate's
   ``backward``) and averages over processes (DDP): its gradient is the kit's divided by a constant
   (accumulation steps x processes), which AdamW cancels.
@@ -89,7 +92,16 @@ from .lm_head import use_plain_lm_head
 from .manifest import MANIFEST_NAME, check_parent, write_manifest
 from .packed_attention import restore_attention, use_packed_attention
 from .recipes import SFTRecipe
-from .training import data_entry, log_history, trainer_settings
+from .training import (
+    check_world_size,
+    data_entry,
+    full_precision,
+    log_history,
+    save_trained_model,
+    stage_load_kwargs,
+    trainer_settings,
+    training_method,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
@@ -106,8 +118,6 @@ ROLES = ("system", "user", "assistant")
 #: transformers' block-diagonal mask (checked against padded batches in the kit's tests), FlashAttention
 #: through the sequence boundaries (cu_seq_lens) TRL's collator passes, TRL's own padding-free path.
 PADDING_FREE_ATTENTION = ("sdpa", "sdpa_packed", "eager", "flash_attention_2", "flash_attention_3")
-#: No gradient clipping (Tulu 3: open-instruct's clip_grad_norm default is -1, off; see the module docstring).
-MAX_GRAD_NORM = 0.0
 #: How many skipped rows a log message or a manifest lists by index (the count is always complete).
 
 
@@ -363,7 +373,7 @@ def sft_config(
     output_dir: str | Path,
     *,
     padding_free: bool = False,
-    max_grad_norm: float = MAX_GRAD_NORM,
+    max_grad_norm: float | None = None,
     **overrides: Any,
 ) -> SFTConfig:
     """TRL ``SFTConfig`` from a plan: batch split, schedule, length, seed, precision, device and logs.
@@ -403,7 +413,7 @@ def build_trainer(
     loss_reduction: str | None = None,
     callbacks: list | None = None,
     peft_config: Any = None,
-    max_grad_norm: float = MAX_GRAD_NORM,
+    max_grad_norm: float | None = None,
     fused_lm_head: bool | None = None,
     **config_overrides: Any,
 ) -> TuluSFTTrainer:
@@ -467,61 +477,6 @@ class SFTResult:
         return out
 
 
-@dataclass
-class TrainingMethod:
-    """How the weights train: ``method`` ("full", "lora", "qlora"), the PEFT config, how to load the model."""
-
-    method: str
-    peft_config: Any = None
-    load_kwargs: dict[str, Any] = field(default_factory=dict)  # extra keywords for load_model
-    notes: list[str] = field(default_factory=list)
-
-
-def training_method(plan: Plan, peft_config: Any = None, model_given: bool = False) -> TrainingMethod:
-    """Full fine-tuning, LoRA or QLoRA for a plan.
-
-    A given ``peft_config`` wins. Otherwise ``plan.peft == "auto"`` on a CUDA GPU asks the memory
-    planner (:func:`smoltulu_utils.memory.plan_memory`) which method fits the GPU; anything else trains
-    in full. Full fine-tuning on a GPU loads fp32 weights (the Trainer's autocast computes in bf16/fp16,
-    the accounting the planner assumes); LoRA loads the frozen weights in the plan's dtype; QLoRA loads
-    them in 4-bit, so it needs ``model_given=False`` (the stage loads the model itself).
-    """
-    if peft_config is not None:
-        return TrainingMethod("lora", peft_config, {}, ["adapters from the given peft_config"])
-    cuda = plan.hardware.device == "cuda"
-    full = TrainingMethod("full", None, {"dtype": "float32"} if cuda else {})
-    if plan.peft != "auto" or not cuda or not plan.hardware.memory_gib:
-        return full
-    from .memory import lora_config, plan_memory, qlora_quantization_config
-
-    try:
-        memory = plan_memory(
-            plan.model,
-            plan.max_length,
-            plan.per_device_batch_size,
-            plan.dtype,
-            plan.hardware.memory_gib,
-            gradient_checkpointing=plan.gradient_checkpointing,
-        )
-    except KitError as exc:  # a model whose shape the planner does not know: train in full, say so
-        full.notes.append(f"no memory plan ({exc}); full fine-tuning")
-        return full
-    notes = [memory.describe()]
-    if memory.method == "full":
-        return TrainingMethod("full", None, full.load_kwargs, notes)
-    if memory.method == "lora":
-        return TrainingMethod("lora", lora_config(), {"dtype": plan.dtype}, notes)
-    if model_given:
-        raise SFTError(
-            "the memory plan needs QLoRA (4-bit weights) but a model was passed in; let train_sft load "
-            "it (model=None), or pass a model loaded with qlora_quantization_config() and a peft_config.\n"
-            + memory.describe()
-        )
-    compute = "bf16" if plan.dtype == "bf16" else "fp16"
-    quantization = qlora_quantization_config(compute)
-    return TrainingMethod("qlora", lora_config(), {"quantization_config": quantization}, notes)
-
-
 def train_sft(
     plan: Plan,
     output_dir: str | Path,
@@ -533,8 +488,9 @@ def train_sft(
     parent: str | Path | None = None,
     callbacks: list | None = None,
     peft_config: Any = None,
-    max_grad_norm: float = MAX_GRAD_NORM,
+    max_grad_norm: float | None = None,
     verbose: bool = True,
+    quantization_config: Any = None,
 ) -> SFTResult:
     """Run the SFT stage of ``plan`` and save model, tokenizer and ``manifest.json`` in ``output_dir``.
 
@@ -543,12 +499,17 @@ def train_sft(
     data (fixtures in the smoke profile), at most ``plan.max_train_samples``. A kit checkpoint ``parent``
     must have been trained with the same tokenizer and chat template (:func:`check_parent`), and the
     chat-template doctor must pass, before anything trains. With ``plan.peft == "auto"`` on a GPU the
-    memory planner picks full fine-tuning, LoRA or QLoRA (``smoltulu_utils.memory``); a LoRA run saves
-    the adapter. Bad rows are skipped and reported (``result.data_report``), never fatal; a run with no
-    usable row raises :class:`SFTError`.
+    memory planner picks full fine-tuning, LoRA or QLoRA (``smoltulu_utils.memory``); ``peft_config``
+    asks for LoRA, ``quantization_config`` with it for QLoRA (the stage loads the 4-bit model). Full
+    fine-tuning trains float32 weights, whatever the checkpoint's dtype; a LoRA or QLoRA run saves the
+    adapter merged into float32 base weights, a plain model the next stage loads as any checkpoint
+    (:func:`~smoltulu_utils.training.save_trained_model`). A tokenizer without a chat template (a base
+    model's) gets the kit's (:func:`~smoltulu_utils.models.adapt_tokenizer`), recorded in the manifest's
+    ``extra["tokenizer_adapted"]``. Bad rows are skipped and reported (``result.data_report``), never
+    fatal; a run with no usable row raises :class:`SFTError`.
     """
     from .data import load_rows
-    from .models import load_model, load_tokenizer
+    from .models import adapt_tokenizer, load_model, load_tokenizer, match_model_to_tokenizer
     from .profiles import data_mirror
 
     recipe = plan.recipe
@@ -556,23 +517,30 @@ def train_sft(
         raise SFTError(
             f"train_sft needs a plan for an SFT recipe, got stage {recipe.stage!r} ({recipe.name})"
         )
+    check_world_size(plan)
     output_dir = Path(output_dir)
     source = str(parent) if parent is not None else plan.model
     folder = Path(source).expanduser()
     is_checkpoint = folder.is_dir() and (folder / MANIFEST_NAME).is_file()
+    adapted: list[str] = []
     if tokenizer is None:
         tokenizer = load_tokenizer(source)
+        adapted = adapt_tokenizer(tokenizer)  # a base model's tokenizer gets the kit's chat template
     if folder.is_dir() and (parent is not None or is_checkpoint):
         check_parent(folder, tokenizer)  # a parent folder must be a kit checkpoint with our template
     doctor(tokenizer).raise_for_problems()
 
-    chosen = training_method(plan, peft_config, model_given=model is not None)
+    chosen = training_method(
+        plan, peft_config, model_given=model is not None, quantization_config=quantization_config
+    )
     method, notes = chosen.method, list(chosen.notes)
     if model is None:
-        load_kwargs = chosen.load_kwargs
-        if source in ("bundled", "tiny"):
-            load_kwargs = {k: v for k, v in load_kwargs.items() if k == "dtype"}
-        model = load_model(source, **load_kwargs)
+        model = load_model(source, **stage_load_kwargs(chosen, source))
+    if method == "full" and (cast := full_precision(model)):
+        notes.append(cast)
+    if adapted:
+        adapted += match_model_to_tokenizer(model, tokenizer)
+        notes.append("tokenizer adapted: " + "; ".join(adapted))
 
     given = rows is not None
     if rows is None:
@@ -651,7 +619,13 @@ def train_sft(
     if final is not None and not math.isfinite(final):
         notes.append(f"the final training loss is {final}: lower the learning rate")
 
-    trainer.save_model(str(output_dir))
+    def reload_base():  # QLoRA: the base in full precision, to merge the adapter into
+        base = load_model(source, dtype="float32")
+        if adapted:
+            match_model_to_tokenizer(base, tokenizer)
+        return base
+
+    saved = save_trained_model(trainer, output_dir, chosen, reload_base=reload_base)
     if main:
         tokenizer.save_pretrained(output_dir)
         write_manifest(
@@ -666,9 +640,12 @@ def train_sft(
                 "started_from": source,
                 "plan": plan.to_dict(),
                 "method": method,
+                "merged": saved["merged"],
+                "weights_dtype": saved["dtype"],
+                "tokenizer_adapted": adapted,
                 "loss_reduction": recipe.loss_reduction,
                 "padding_free": padding_free,
-                "max_grad_norm": max_grad_norm,
+                "max_grad_norm": trainer.args.max_grad_norm,
                 "steps": result.steps,
                 "final_train_loss": final,
                 "eval_loss": eval_loss,

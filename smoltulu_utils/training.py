@@ -1,32 +1,260 @@
-"""What every training stage shares: the Trainer settings a plan fixes, the logs, the data entry of a manifest.
+"""What every training stage shares: how the weights train and are saved, the Trainer settings a plan
+fixes, the logs, the data entry of a manifest.
 
 The SFT, DPO and reward-model stages each build a TRL config (``SFTConfig``, ``DPOConfig``,
 ``RewardConfig``) from a resolved :class:`~smoltulu_utils.profiles.Plan`; the settings that do not
 depend on the stage are written once here, so a change of policy (logging, precision, checkpoints)
 reaches every stage.
+
+Precision and method
+--------------------
+:func:`training_method` is the one place that decides how a stage loads the weights it trains: full
+fine-tuning always loads (or casts, :func:`full_precision`) float32 master weights, whatever the
+checkpoint's dtype (Hub checkpoints are bf16, and transformers' default ``dtype="auto"`` keeps them so).
+The Trainer's bf16/fp16 autocast then computes in half precision over fp32 parameters. Updating bf16
+weights directly would lose nearly every AdamW step at the paper's learning rates: a step of 8e-7 on a
+weight of 0.02 is below half of bf16's spacing there (about 1.2e-4), so it rounds away. LoRA loads the
+frozen weights in the plan's dtype, QLoRA in 4-bit; :func:`save_trained_model` merges either adapter
+into float32 base weights and saves a plain model, so the next stage loads it like any checkpoint.
 """
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .errors import KitError
+
 if TYPE_CHECKING:  # pragma: no cover
+    from transformers import PreTrainedModel
+
     from .profiles import Plan
 
+#: The dtype of the weights a stage trains in full (master weights; autocast computes in bf16/fp16).
+MASTER_DTYPE = "float32"
+METHODS = ("full", "lora", "qlora")
 
-def trainer_settings(plan: Plan, output_dir: str | Path, *, max_grad_norm: float) -> dict[str, Any]:
+
+class TrainingMethodError(KitError, ValueError):
+    """A method/model combination a stage cannot train or save; the message says the fix."""
+
+
+# ======================================================================================================
+# Full, LoRA or QLoRA, and the dtype of the weights
+# ======================================================================================================
+@dataclass
+class TrainingMethod:
+    """How the weights train: ``method`` ("full", "lora", "qlora"), the PEFT config, how to load the model."""
+
+    method: str
+    peft_config: Any = None
+    load_kwargs: dict[str, Any] = field(default_factory=dict)  # extra keywords for load_model
+    notes: list[str] = field(default_factory=list)
+
+
+def training_method(
+    plan: Plan, peft_config: Any = None, model_given: bool = False, quantization_config: Any = None
+) -> TrainingMethod:
+    """Full fine-tuning, LoRA or QLoRA for a plan, and the keywords to load the model with.
+
+    A given ``quantization_config`` (e.g. :func:`smoltulu_utils.memory.qlora_quantization_config`) means
+    QLoRA with ``peft_config`` (default :func:`~smoltulu_utils.memory.lora_config`); a given
+    ``peft_config`` alone means LoRA. Otherwise ``plan.peft == "auto"`` on a CUDA GPU asks the memory
+    planner (:func:`smoltulu_utils.memory.plan_memory_from`, for the plan's stage) which method fits
+    the GPU, and refuses (:class:`~smoltulu_utils.memory.MemoryDoesNotFitError`) when not even QLoRA
+    fits; anything else trains in full (so does a plan whose memory the planner cannot estimate, with a
+    note). Full fine-tuning loads float32 weights on every device, whatever the checkpoint's dtype
+    (see the module docstring); LoRA loads the frozen weights in the plan's dtype; QLoRA loads them in
+    4-bit, so it needs ``model_given=False`` (the stage loads the model itself).
+    """
+    from .memory import lora_config
+
+    if quantization_config is not None:
+        if model_given:
+            raise TrainingMethodError(
+                "quantization_config asks the stage to load the model in 4-bit, but a model was passed in; "
+                "pass model=None (the stage loads it), or load it yourself and pass only a peft_config."
+            )
+        return TrainingMethod(
+            "qlora",
+            peft_config if peft_config is not None else lora_config(),
+            {"quantization_config": quantization_config},
+            ["QLoRA from the given quantization_config"],
+        )
+    lora_load = {"dtype": plan.dtype if plan.dtype in ("bf16", "fp16") else MASTER_DTYPE}
+    if peft_config is not None:
+        return TrainingMethod("lora", peft_config, lora_load, ["adapters from the given peft_config"])
+    cuda = plan.hardware.device == "cuda"
+    full = TrainingMethod("full", None, {"dtype": MASTER_DTYPE})
+    if plan.peft != "auto" or not cuda or not plan.hardware.memory_gib:
+        return full
+    from .memory import MemoryDoesNotFitError, plan_memory_from, qlora_quantization_config
+
+    try:  # the estimate of the plan's own stage (a DPO or reward-model run needs other memory than SFT)
+        memory = plan_memory_from(plan)
+    except MemoryDoesNotFitError:  # not even QLoRA fits: the message names the GPU, the need and the fixes
+        raise
+    except KitError as exc:  # a model whose shape the planner does not know: train in full, say so
+        full.notes.append(f"no memory plan ({exc}); full fine-tuning")
+        return full
+    notes = [memory.describe()]
+    if memory.method == "full":
+        return TrainingMethod("full", None, full.load_kwargs, notes)
+    if memory.method == "lora":
+        return TrainingMethod("lora", lora_config(), lora_load, notes)
+    if model_given:
+        raise TrainingMethodError(
+            "the memory plan needs QLoRA (4-bit weights) but a model was passed in; let the stage load "
+            "it (model=None), or pass a model loaded with qlora_quantization_config() and a peft_config.\n"
+            + memory.describe()
+        )
+    compute = "bf16" if plan.dtype == "bf16" else "fp16"
+    quantization = qlora_quantization_config(compute)
+    return TrainingMethod("qlora", lora_config(), {"quantization_config": quantization}, notes)
+
+
+def stage_load_kwargs(chosen: TrainingMethod, source: str) -> dict[str, Any]:
+    """The keywords to load ``source`` with: ``chosen.load_kwargs``, only the dtype for "bundled"/"tiny"."""
+    if source in ("bundled", "tiny"):
+        if "quantization_config" in chosen.load_kwargs:
+            raise TrainingMethodError(
+                f"QLoRA loads a checkpoint in 4-bit from a folder or the Hub; '{source}' is built in memory. "
+                "Save it first (model.save_pretrained(folder)) and start from the folder, or use LoRA."
+            )
+        return {k: v for k, v in chosen.load_kwargs.items() if k == "dtype"}
+    return dict(chosen.load_kwargs)
+
+
+def is_quantized(model: Any) -> bool:
+    """Whether ``model`` (or the base of a PEFT model) holds 4-bit or 8-bit weights."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False))
+
+
+def full_precision(model: PreTrainedModel) -> str | None:
+    """Cast a model that trains in full to float32 master weights; return a note when it was cast.
+
+    A model passed to a stage in bf16/fp16 (or loaded so) would otherwise be updated in half precision,
+    where most small AdamW steps round away. Float32 models are left untouched (None is returned).
+    """
+    if is_quantized(model):
+        raise TrainingMethodError(
+            "a 4-bit/8-bit model cannot train in full: pass a peft_config (LoRA adapters) or load the model "
+            "in full precision."
+        )
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if not dtypes or dtypes == {torch.float32}:
+        return None
+    model.to(torch.float32)
+    names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+    return f"weights cast from {names} to float32 master weights for full fine-tuning"
+
+
+def save_trained_model(
+    trainer: Any,
+    output_dir: str | Path,
+    chosen: TrainingMethod,
+    *,
+    reload_base: Callable[[], PreTrainedModel] | None = None,
+) -> dict[str, Any]:
+    """Save a stage's trained weights in ``output_dir`` as a plain model; return the manifest's record.
+
+    Full fine-tuning: the Trainer saves the model (``trainer.save_model``, which also gathers sharded
+    weights). LoRA and QLoRA: the adapter is merged into float32 base weights and the merged model is
+    saved, so the next stage loads the folder like any checkpoint and trains every weight. LoRA merges
+    into the trained model's own base weights, cast to float32 first; QLoRA reloads the base in full
+    precision with ``reload_base()`` (its 4-bit weights are an approximation of the checkpoint) and
+    merges the adapter into that. Returns ``{"method": ..., "merged": bool, "dtype": ...}``.
+    """
+    output_dir = Path(output_dir)
+    if chosen.method == "full":
+        trainer.save_model(str(output_dir))
+        return {"method": "full", "merged": False, "dtype": _dtype_of(trainer.model)}
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if not hasattr(model, "merge_and_unload"):
+        raise TrainingMethodError(
+            f"a {chosen.method} run should train a PEFT model, but the trainer holds {type(model).__name__}"
+        )
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        merged = _merged(model, chosen.method, reload_base)
+        merged.save_pretrained(output_dir)
+        dtype = _dtype_of(merged)
+    else:
+        dtype = MASTER_DTYPE
+    trainer.accelerator.wait_for_everyone()
+    return {"method": chosen.method, "merged": True, "dtype": dtype}
+
+
+def _merged(model: Any, method: str, reload_base: Callable[[], PreTrainedModel] | None) -> Any:
+    """The PEFT model's adapter merged into float32 base weights (a plain transformers model)."""
+    if not is_quantized(model):
+        model.to(torch.float32)  # adapters merge into float32 weights, not rounded into bf16 ones
+        return model.merge_and_unload()
+    if reload_base is None:
+        raise TrainingMethodError(
+            f"a {method} run trained over 4-bit weights and no full-precision base to merge into was given"
+        )
+    from peft import PeftModel
+
+    with tempfile.TemporaryDirectory(prefix="kit_adapter_") as folder:
+        model.save_pretrained(folder)
+        base = reload_base()
+        base.to(torch.float32)
+        merged = PeftModel.from_pretrained(base, folder).merge_and_unload()
+    return merged
+
+
+def _dtype_of(model: Any) -> str | None:
+    first = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return str(first.dtype).removeprefix("torch.") if first is not None else None
+
+
+class WorldSizeError(KitError, ValueError):
+    """A plan formed for one process count, run on another (the effective batch would change)."""
+
+
+def check_world_size(plan: Plan) -> None:
+    """Refuse a run whose process count differs from the plan's: its effective batch would not be the recipe's.
+
+    The running count is the launcher's ``WORLD_SIZE`` (1 without a launcher). A notebook kernel is one
+    process: resolve with ``num_processes=1`` there, or start several through
+    :func:`smoltulu_utils.launch.run_stage` / ``python -m smoltulu_utils <stage> --processes N``.
+    """
+    import os
+
+    running = int(os.environ.get("WORLD_SIZE") or 1)
+    if running != plan.num_processes:
+        raise WorldSizeError(
+            f"the plan for {plan.recipe.name} splits its batch over {plan.num_processes} process(es) but "
+            f"{running} {'is' if running == 1 else 'are'} running, so the effective batch (and the LR/BS "
+            f"ratio) would change. Fix: resolve(..., num_processes={running}), or launch "
+            f"{plan.num_processes} processes (python -m smoltulu_utils {plan.recipe.stage} --processes "
+            f"{plan.num_processes} ...)."
+        )
+
+
+def trainer_settings(
+    plan: Plan, output_dir: str | Path, *, max_grad_norm: float | None = None
+) -> dict[str, Any]:
     """``TrainingArguments`` keywords from a plan: batch split, schedule, seed, precision, device, logs.
 
     Per-device batch and accumulation come from the plan (their product with the processes is the
     recipe's effective batch); learning rate, scheduler, warmup, weight decay, epochs and seed from the
-    recipe; ``plan.max_steps`` (when set) caps the optimizer steps. bf16/fp16 follow ``plan.dtype``;
-    ``use_cpu`` is set when there is no CUDA GPU (which also makes a multi-process launch use gloo).
+    recipe; ``plan.max_steps`` (when set) caps the optimizer steps. ``max_grad_norm`` (None: the
+    recipe's; 0: no clipping) clips each step's gradient norm. bf16/fp16 follow ``plan.dtype``;
+    ``use_cpu`` is set when there is no CUDA GPU (which also makes a multi-process launch use gloo),
+    except that an FSDP or DeepSpeed launch stays sharded (:func:`~smoltulu_utils.scale_out.device_settings`).
     Logs every step (a NaN or infinite loss is logged as it is), progress bar on, no intermediate
     checkpoints and no evaluation inside the loop (each stage saves and scores once, at the end).
     """
+    from .scale_out import device_settings
+
     recipe = plan.recipe
     return {
         "output_dir": str(output_dir),
@@ -42,9 +270,9 @@ def trainer_settings(plan: Plan, output_dir: str | Path, *, max_grad_norm: float
         "seed": recipe.seed,
         "bf16": plan.dtype == "bf16",
         "fp16": plan.dtype == "fp16",
-        "use_cpu": not torch.cuda.is_available(),
+        **device_settings(),  # use_cpu without CUDA, except under an FSDP/DeepSpeed launch (scale_out)
         "gradient_checkpointing": plan.gradient_checkpointing,
-        "max_grad_norm": max_grad_norm,
+        "max_grad_norm": resolve_max_grad_norm(plan, max_grad_norm),
         "report_to": plan.report_to,
         "logging_steps": 1,
         "logging_nan_inf_filter": False,  # a diverging run must show its NaN/inf loss, not hide it
@@ -52,6 +280,13 @@ def trainer_settings(plan: Plan, output_dir: str | Path, *, max_grad_norm: float
         "save_strategy": "no",
         "eval_strategy": "no",
     }
+
+
+def resolve_max_grad_norm(plan: Plan, max_grad_norm: float | None = None) -> float:
+    """The gradient clip of a run: ``max_grad_norm`` when given, else the recipe's (0.0 without one)."""
+    if max_grad_norm is not None:
+        return float(max_grad_norm)
+    return float(getattr(plan.recipe, "max_grad_norm", 0.0))
 
 
 def log_history(history: list[dict], key: str) -> list[tuple[int, float]]:

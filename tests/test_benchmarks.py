@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import pytest
+
 from smoltulu_utils.paths import KIT_ROOT
 
 
@@ -44,15 +46,22 @@ def test_sft_throughput_writes_both_sides(tmp_path):
     saved = json.loads(out.read_text())
     assert saved == json.loads(json.dumps(report))
     assert saved["same_inputs"] is True
-    for side in ("baseline", "kit"):
+    for side in ("baseline", "trl_best", "kit"):
         assert saved[side]["steps"] == 1
-        assert saved[side]["trained_tokens"] > 0
-        assert saved[side]["real_tokens"] == saved["kit"]["real_tokens"]
+        assert 0 < saved[side]["trained_tokens"] <= saved[side]["real_tokens"]
+    assert saved["baseline"]["real_tokens"] == saved["kit"]["real_tokens"]
     assert saved["kit"]["padding_free"] is True and saved["baseline"]["padding_free"] is False
     # padding-free: no padding cells; the baseline trains prompts too, so more of its tokens carry a label
     assert saved["kit"]["batch_cells"] == saved["kit"]["real_tokens"]
     assert saved["baseline"]["trained_tokens"] > saved["kit"]["trained_tokens"]
-    assert saved["ratio"] > 0 and saved["mfu"] > 0
+    # TRL's best CPU setup: bfd packing (padding-free), no gradient checkpointing, prompts without labels
+    best = saved["trl_best"]
+    assert best["padding_free"] is True and best["gradient_checkpointing"] is False
+    assert best["completion_only_loss"] is True and best["batch_cells"] == best["real_tokens"]
+    assert best["trained_tokens"] < best["real_tokens"] / 2 < saved["baseline"]["trained_tokens"]
+    assert saved["ratio"] > 0 and saved["ratio_best"] > 0 and saved["mfu"] > 0
+    assert (saved["ratio_target"], saved["ratio_best_target"]) == (1.5, 1.3)
+    assert saved["ratio_best_met"] == (saved["ratio_best"] >= 1.3)
     assert saved["lengths"]["max"] <= 64
 
 
@@ -95,3 +104,18 @@ def test_rlvr_iteration_writes_the_phase_split(tmp_path):
     assert saved["tokens_generated"] == 2 * 4  # a random tiny model never ends its responses
     assert saved["tokens_per_s"] > 0 and saved["peak_memory_mib"]["rss"] > 0
     assert len(saved["per_iteration"]) == 2  # the warm-up iteration is kept, not averaged
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_every_check_in_its_cpu_version(tmp_path, capsys):
+    """The prepared GPU script keeps up with the kit's API: every check passes on the CPU with the tiny model."""
+    script = _load_script("gpu_check")
+    report = script.main(["--cpu", "--out", str(tmp_path / "gpu_check.json")])
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("gpu_check ")]
+    assert report["failed"] == [], {n: o.get("traceback") for n, o in report["checks"].items() if not o["ok"]}
+    assert [line.split(":")[0] for line in lines[:-1]] == [f"gpu_check {name}" for name in script.CHECKS]
+    checks = {name: outcome["result"] for name, outcome in report["checks"].items()}
+    assert checks["sft_bf16"]["master_weights"] == "torch.float32" and checks["sft_bf16"]["tokens_per_s"] > 0
+    assert checks["lora_chain"]["merged"] == {"sft": True, "dpo": True, "rm": True}
+    assert checks["dpo_cache"]["reference_passes"][0] > 0 and checks["dpo_cache"]["reference_passes"][1] == 0
+    assert checks["ppo_iteration"]["ppo_epochs"] == 4 and checks["eval"]["items"] > 0

@@ -183,3 +183,58 @@ def test_fingerprint_is_stable_and_sensitive(bundled_tokenizer, tok_copy, tmp_pa
     assert changed["chat_template_hash"] != fp["chat_template_hash"]
     tok_copy.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})
     assert template_fingerprint(tok_copy)["tokenizer_hash"] != fp["tokenizer_hash"]
+
+
+# ======================================================================================================
+# Base-model tokenizers get the kit's template
+# ======================================================================================================
+def base_like(tokenizer):
+    """A copy of SmolLM2's tokenizer as the base checkpoints ship it: no template, eos <|endoftext|>, no pad."""
+    base = copy.deepcopy(tokenizer)
+    base.chat_template = None
+    base.bos_token = base.eos_token = "<|endoftext|>"
+    base.pad_token = None
+    return base
+
+
+def test_a_base_tokenizer_gets_the_instruct_template_and_special_tokens(bundled_tokenizer, tmp_path):
+    from smoltulu_utils.models import adapt_tokenizer, load_tokenizer
+
+    base_like(bundled_tokenizer).save_pretrained(tmp_path)
+    base = load_tokenizer(tmp_path)  # as a stage reads a base checkpoint's folder
+    assert base.chat_template is None and base.eos_token == "<|endoftext|>" and base.pad_token is None
+    with pytest.raises(ChatTemplateError, match="no chat template"):
+        doctor(base)
+    changes = adapt_tokenizer(base)
+    assert any("chat_template" in c for c in changes) and any("eos_token" in c for c in changes)
+    assert not any("added" in c for c in changes)  # SmolLM2's vocabulary holds the ChatML tokens
+    assert (base.bos_token, base.eos_token, base.pad_token) == ("<|im_start|>", EOT, EOT)
+    assert doctor(base).raise_for_problems().ok
+    # The adapted base tokenizer is SmolLM2-Instruct's: same vocabulary, specials and template.
+    assert template_fingerprint(base) == template_fingerprint(bundled_tokenizer)
+    assert adapt_tokenizer(base) == [] and adapt_tokenizer(copy.deepcopy(bundled_tokenizer)) == []
+
+
+def test_a_tokenizer_without_the_chatml_tokens_gets_them_and_the_model_grows(bundled_tokenizer):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from smoltulu_utils.models import adapt_tokenizer, match_model_to_tokenizer, tiny_model
+
+    words = ["<|endoftext|>", *"abcdefghijklmnopqrstuvwxyz"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<|endoftext|>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|endoftext|>", unk_token="<|endoftext|>"
+    )
+    changes = adapt_tokenizer(tok)
+    assert "added ['<|im_start|>', '<|im_end|>']" in changes[0] and len(tok) == len(words) + 2
+    assert tok("<|im_start|>a b<|im_end|>", add_special_tokens=False)["input_ids"] == [
+        len(words), 1, 2, len(words) + 1
+    ]  # fmt: skip
+    model, _ = tiny_model(tokenizer=bundled_tokenizer)
+    model.resize_token_embeddings(len(words))  # a model of the small vocabulary
+    grown = match_model_to_tokenizer(model, tok)
+    assert model.get_input_embeddings().weight.shape[0] == len(tok)
+    assert model.config.eos_token_id == model.generation_config.eos_token_id == tok.convert_tokens_to_ids(EOT)
+    assert any("resized" in c for c in grown)

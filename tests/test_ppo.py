@@ -42,17 +42,14 @@ def test_response_mask_keeps_tokens_up_to_the_first_end():
     assert ended.tolist() == [True, False, True]
 
 
-def test_non_stop_penalty_is_added_to_the_score_of_a_response_that_never_ends():
+def test_non_stop_penalty_replaces_the_score_of_a_response_that_never_ends():
     scores = torch.tensor([10.0, 10.0, 0.0, 0.0])
     ended = torch.tensor([True, False, True, False])
-    assert ppo.apply_non_stop_penalty(scores, ended, -10.0).tolist() == [10.0, 0.0, 0.0, -10.0]
-    # open-instruct's variant: the penalty replaces the score
-    assert ppo.apply_non_stop_penalty(scores, ended, -10.0, replace=True).tolist() == [
-        10.0,
-        -10.0,
-        0.0,
-        -10.0,
-    ]
+    # Tulu 3 (open-instruct): torch.where(contain_stop_token, scores, penalty), a right answer included
+    assert ppo.apply_non_stop_penalty(scores, ended, -10.0).tolist() == [10.0, -10.0, 0.0, -10.0]
+    assert ppo.PPOSettings().non_stop_replaces_score is True
+    # the other variant stays available: the penalty is added
+    assert ppo.apply_non_stop_penalty(scores, ended, -10.0, replace=False).tolist() == [10.0, 0.0, 0.0, -10.0]
 
 
 def test_token_rewards_put_the_score_on_the_last_response_token():
@@ -164,3 +161,149 @@ def test_restrict_vocabulary_limits_sampling_and_is_removable(tiny):
     assert model.get_output_embeddings().bias is None
     with pytest.raises(ppo.PPOError):
         ppo.restrict_vocabulary(model, [10**9])
+
+
+# ---------------------------------------------------------------------------------------- batch sizes
+def test_batch_sizes_are_per_process_and_multiply_by_the_world_size():
+    # open-instruct: rollout_batch_size = local_rollout_batch_size * world_size, same for mini_batch
+    sizes = ppo.batch_sizes(32, 16, num_processes=2, micro_cap=4)
+    assert (sizes.local_rollout, sizes.local_minibatch, sizes.micro) == (32, 16, 4)
+    assert (sizes.rollout, sizes.minibatch) == (64, 32)
+    assert sizes.accumulation == 4 and sizes.minibatches == 2  # 2 optimizer steps per pass over a batch
+    one = ppo.batch_sizes(32, 32, num_processes=1, micro_cap=6)
+    assert (one.rollout, one.micro, one.accumulation) == (32, 4, 8)  # 4: the largest divisor of 32 up to 6
+    with pytest.raises(ppo.PPOError, match="does not divide"):
+        ppo.batch_sizes(32, 12, num_processes=2, micro_cap=4)
+
+
+# ------------------------------------------------------------------------------------------- generator
+def _pretend(monkeypatch, vllm: bool, cuda: bool):
+    """Make vLLM look installed or not and a GPU present or not (vLLM is never imported here)."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a, **k: (object() if vllm else None) if name == "vllm" else find_spec(name, *a, **k),
+    )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+
+
+def test_auto_generator_samples_with_generate_even_where_vllm_is_installed(monkeypatch):
+    for vllm, cuda in ((False, False), (True, True), (True, False)):
+        _pretend(monkeypatch, vllm, cuda)
+        assert ppo.choose_generator("auto") == "transformers"
+        assert ppo.choose_generator("transformers") == "transformers"
+    _pretend(monkeypatch, True, True)
+    assert ppo.choose_generator("vllm") == "vllm"
+
+
+def test_vllm_generator_without_vllm_or_a_gpu_is_a_clear_error(monkeypatch):
+    from smoltulu_utils.errors import KitError
+
+    _pretend(monkeypatch, vllm=False, cuda=True)
+    with pytest.raises(KitError, match="pip install vllm") as info:
+        ppo.choose_generator("vllm")
+    assert "generator='transformers'" in str(info.value)
+    _pretend(monkeypatch, vllm=True, cuda=False)
+    with pytest.raises(KitError, match="no CUDA GPU"):
+        ppo.choose_generator("vllm")
+    with pytest.raises(KitError, match="unknown generator"):
+        ppo.choose_generator("sglang")
+
+
+# ------------------------------------------------------------------------------------------- the trainer
+@pytest.fixture
+def small_trainer(bundled_tokenizer):
+    """A PPOTrainer on the tiny model with the kit's default settings: 4 prompts, minibatches of 2."""
+    import copy
+
+    from smoltulu_utils import rlvr
+    from smoltulu_utils.models import tiny_model
+
+    model, tokenizer = tiny_model(seed=2, tokenizer=bundled_tokenizer)
+    examples, _ = rlvr.prepare_rlvr_rows(rlvr.toy_task_rows(["7"], copies=4), tokenizer, prompt_length=64)
+    reference = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def make(num_epochs: int, **kwargs) -> ppo.PPOTrainer:
+        return ppo.PPOTrainer(
+            policy=model, ref_policy=reference, value_model=ppo.value_model_from_policy(model),
+            tokenizer=tokenizer, examples=examples, learning_rate=1e-4, rollout_batch_size=4,
+            minibatch_size=2, micro_batch_size=1, response_length=2, num_epochs=num_epochs,
+            total_iterations=2, **kwargs,
+        )  # fmt: skip
+
+    return make
+
+
+def count_optimizer_steps(trainer: ppo.PPOTrainer) -> list[int]:
+    """A one-item list counting the trainer's optimizer steps from now on."""
+    calls = [0]
+    step = trainer.optimizer.step
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = counted
+    return calls
+
+
+def test_ppo_trainer_runs_num_epochs_passes_over_each_rollout_batch(small_trainer):
+    trainer = small_trainer(3)
+    calls = count_optimizer_steps(trainer)
+    trainer.step()
+    assert calls[0] == 3 * 2  # epochs x (rollout 4 / minibatch 2) optimizer steps per iteration
+    assert trainer.scheduler.last_epoch == 3 * 2
+
+
+def test_a_right_answer_that_never_ends_scores_minus_ten(small_trainer):
+    trainer = small_trainer(1)  # PPOSettings() as the kit runs them
+    tokenizer = trainer.tokenizer
+    ends = tokenizer.encode("The answer is 7", add_special_tokens=False) + [tokenizer.eos_token_id]
+    never_ends = tokenizer.encode("The answer is 7.", add_special_tokens=False)
+    responses = ppo.right_pad([ends, never_ends], trainer.pad_id, max(len(ends), len(never_ends)))
+    mask, ended = ppo.response_mask(responses, trainer.eos_token_ids)
+    scores, verdicts, _ = trainer._score(trainer.examples[:2], responses, mask, ended)
+    assert [v.verified for v in verdicts] == [True, True]
+    assert ended.tolist() == [True, False]
+    assert scores.tolist() == [10.0, -10.0]  # the penalty replaces the verified score (Tulu 3), not 10 - 10
+
+
+def test_vllm_rollouts_go_through_trls_colocated_engine(small_trainer, monkeypatch):
+    """vLLM is not installed here: a stand-in with the signatures of TRL's VLLMGeneration checks the wiring
+    (the engine gets the policy and the trainer's accelerator, weights are synced before each rollout)."""
+    import inspect
+
+    from trl.generation import vllm_generation
+
+    real = vllm_generation.VLLMGeneration
+    calls = []
+
+    class StandIn:
+        def __init__(self, *args, **kwargs):
+            inspect.signature(real.__init__).bind(self, *args, **kwargs)
+            self.kwargs = kwargs
+            calls.append("init")
+
+        def sync_weights(self):
+            calls.append("sync")
+
+        def generate(self, *args, **kwargs):
+            bound = inspect.signature(real.generate).bind(self, *args, **kwargs).arguments
+            calls.append("generate")
+            tokenizer = self.kwargs["processing_class"]
+            answer = tokenizer.encode("7", add_special_tokens=False) + [tokenizer.eos_token_id]
+            return bound["prompts"], [answer for _ in bound["prompts"]], None, None
+
+    monkeypatch.setattr(vllm_generation, "VLLMGeneration", StandIn)
+    monkeypatch.setattr(ppo, "choose_generator", lambda generator: "vllm")
+    trainer = small_trainer(1, generator="vllm")
+    engine = trainer.generator.engine
+    assert engine.kwargs["model"] is trainer.unwrapped.policy
+    assert engine.kwargs["accelerator"] is trainer.accelerator
+    assert engine.kwargs["mode"] == "colocate" and engine.kwargs["max_completion_length"] == 2
+    entry = trainer.step()
+    assert calls == ["init", "sync", "generate"]
+    assert entry["verifiable_reward"] == 1.0 and entry["non_stop_rate"] == 0.0

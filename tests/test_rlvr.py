@@ -15,6 +15,7 @@ from smoltulu_utils.manifest import ManifestError, read_manifest, write_manifest
 from smoltulu_utils.paths import FIXTURES_DIR
 from smoltulu_utils.profiles import resolve
 from smoltulu_utils.results import ResultsStore
+from smoltulu_utils.training import WorldSizeError
 
 
 @pytest.fixture
@@ -187,3 +188,96 @@ def test_grpo_raises_the_verifiable_reward_on_the_toy_task(fresh_tiny, one_threa
     model, tokenizer = fresh_tiny
     plan = rlvr.toy_plan(iterations=25, batch=8, num_epochs=1)
     _learns("grpo", plan, {"grpo_settings": rlvr.toy_grpo_settings(8)}, model, tokenizer)
+
+
+# ------------------------------------------------------------------------------ Tulu 3's PPO settings
+def _recipe_plan(num_processes: int = 1, **changes):
+    """The shipped rlvr_ppo recipe (its num_epochs untouched) made small for the tiny model."""
+    from smoltulu_utils.profiles import get_profile
+    from smoltulu_utils.recipes import load_recipe
+
+    sizes = {"rollout_batch_size": 4, "minibatch_size": 2, "response_length": 1, "num_episodes": 400}
+    recipe = load_recipe("rlvr_ppo").replace(**{**sizes, **changes})
+    profile = get_profile("smoke").replace(model="tiny", max_steps=None, per_device_batch_cap=2)
+    return resolve(recipe, profile, num_processes=num_processes, verbose=False)
+
+
+def test_the_recipe_runs_tulu3_four_ppo_epochs_per_rollout_batch(fresh_tiny, one_thread):
+    from smoltulu_utils.recipes import recipe_sources
+
+    assert resolve("rlvr_ppo", "smoke", verbose=False).recipe.num_epochs == 4
+    assert recipe_sources("rlvr_ppo")["num_epochs"].startswith("Tulu 3")
+    model, tokenizer = fresh_tiny
+    plan = _recipe_plan()
+    examples, _ = rlvr.prepare_rlvr_rows(rlvr.toy_task_rows(["7"], copies=4), tokenizer, prompt_length=64)
+    trainer = rlvr._ppo_trainer(plan, model, tokenizer, examples, 2, None, None, rlvr.TOY_PPO, None, "auto",
+                                {}, [])  # fmt: skip
+    assert trainer.num_epochs == 4 and trainer.generator is None
+    calls = [0]
+    step = trainer.optimizer.step
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = counted
+    trainer.step()
+    assert calls[0] == 4 * 2  # 4 epochs x (rollout 4 / minibatch 2) optimizer steps in one iteration
+
+
+def test_rollout_and_minibatch_sizes_are_per_process_as_tulu3_counts_them(monkeypatch):
+    plan = _recipe_plan(num_processes=2, rollout_batch_size=32, minibatch_size=16)
+    sizes = rlvr.rlvr_batch_sizes(plan)
+    assert (sizes.local_rollout, sizes.local_minibatch, sizes.micro) == (32, 16, 2)
+    assert (sizes.rollout, sizes.minibatch, sizes.accumulation, sizes.minibatches) == (64, 32, 8, 2)
+    assert rlvr._iterations(plan, None) == 400 // 64  # episodes over the global rollout batch
+    grpo = rlvr.grpo_batch_arguments(plan, rlvr.GRPOSettings(num_generations=8))
+    # TRL's generation batch = per device x steps_per_generation x processes = the global rollout batch
+    assert grpo["per_device_train_batch_size"] * grpo["steps_per_generation"] * 2 == 64
+    assert grpo["per_device_train_batch_size"] * grpo["gradient_accumulation_steps"] * 2 == 32
+    assert grpo["num_iterations"] == 4  # GRPO's epochs: the recipe's num_epochs
+    one = rlvr.rlvr_batch_sizes(_recipe_plan(num_processes=1, rollout_batch_size=32, minibatch_size=16))
+    assert (one.rollout, one.minibatch) == (32, 16)
+    toy = rlvr.toy_plan(iterations=3, batch=4, num_processes=2)  # 4 prompts per process, 3 iterations
+    assert rlvr.rlvr_batch_sizes(toy).rollout == 8 and rlvr._iterations(toy, None) == 3
+    # a plan for 2 processes run by 1 would change the global batch: refused, with the fix
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(WorldSizeError, match=r"num_processes=1"):
+        rlvr._check_world(plan)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    rlvr._check_world(plan)
+
+
+@pytest.mark.parametrize("method", ["ppo", "grpo"])
+def test_vllm_generator_without_vllm_is_a_clear_error(method, monkeypatch, fresh_tiny):
+    import importlib.util
+
+    from smoltulu_utils.errors import KitError
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name == "vllm" else find_spec(name, *a, **k))  # fmt: skip
+    model, tokenizer = fresh_tiny
+    with pytest.raises(KitError, match="pip install vllm"):
+        rlvr.train_rlvr(_recipe_plan(), method=method, model=model, tokenizer=tokenizer,
+                        rows=rlvr.toy_task_rows(["7"]), generator="vllm", verbose=False)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_grpo_runs_num_iterations_passes_per_rollout_and_logs_each_rollout_once(fresh_tiny, one_thread):
+    model, tokenizer = fresh_tiny
+    steps = []
+    result = rlvr.train_rlvr(
+        rlvr.toy_plan(iterations=2, batch=8, num_epochs=2),
+        method="grpo",
+        model=model,
+        tokenizer=tokenizer,
+        rows=rlvr.toy_task_rows(["7"]),
+        restrict_to=rlvr.toy_vocabulary(tokenizer),
+        grpo_settings=rlvr.toy_grpo_settings(8),
+        callback=lambda entry: steps.append(entry["iteration"]),
+        verbose=False,
+    )
+    assert result.iterations == 2 and steps == [1, 2]  # one entry per rollout batch, as PPO logs
+    assert [e["episodes"] for e in result.logs] == [8, 16]
+    assert all(e["verifiable_reward"] is not None and e["clip_fraction"] is not None for e in result.logs)

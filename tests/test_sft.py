@@ -16,7 +16,7 @@ from smoltulu_utils.chat_template import template_fingerprint
 from smoltulu_utils.data import load_rows
 from smoltulu_utils.hardware import hardware_from_facts
 from smoltulu_utils.manifest import ManifestError, read_manifest, write_manifest
-from smoltulu_utils.memory import MemoryPlanError
+from smoltulu_utils.memory import MemoryDoesNotFitError, MemoryPlanError
 from smoltulu_utils.models import load_tokenizer
 from smoltulu_utils.models import tiny_model as make_tiny
 from smoltulu_utils.packed_attention import restore_attention
@@ -29,8 +29,8 @@ from smoltulu_utils.sft import (
     padding_free_supported,
     prepare_sft_rows,
     train_sft,
-    training_method,
 )
+from smoltulu_utils.training import TrainingMethodError, training_method
 
 IGNORE = -100
 
@@ -291,12 +291,15 @@ def test_training_method_follows_the_memory_plan():
     lora = training_method(gpu_plan(24))
     assert lora.method == "lora" and lora.peft_config.r == 64 and lora.load_kwargs == {"dtype": "bf16"}
     assert "LORA" in lora.notes[0]
-    # A 6 GiB fp16 GPU needs 4-bit weights, which the stage must load itself, on a CUDA machine.
-    with pytest.raises(SFTError, match="QLoRA"):
-        training_method(gpu_plan(6, (7, 5)), model_given=True)
+    # An 8 GiB fp16 GPU needs 4-bit weights, which the stage must load itself, on a CUDA machine.
+    with pytest.raises(TrainingMethodError, match="QLoRA"):
+        training_method(gpu_plan(8, (7, 5)), model_given=True)
     if not torch.cuda.is_available():
         with pytest.raises(MemoryPlanError, match="CUDA"):
-            training_method(gpu_plan(6, (7, 5)))
+            training_method(gpu_plan(8, (7, 5)))
+    # On 4 GiB not even QLoRA fits: the stage refuses, naming the GPU and the fixes, before loading anything.
+    with pytest.raises(MemoryDoesNotFitError, match="4 GiB"):
+        training_method(gpu_plan(4, (7, 5)))
 
 
 # ======================================================================================================
@@ -406,3 +409,16 @@ def test_bundled_model_takes_falling_padding_free_steps(bundled_tokenizer, tmp_p
     assert result.padding_free and len(losses) == 2 and all(math.isfinite(v) for v in losses)
     assert losses[-1] < losses[0]
     assert read_manifest(tmp_path)["parent"]["path"] == "bundled"
+
+
+def test_a_plan_for_several_processes_is_refused_in_one(tmp_path, monkeypatch):
+    """A notebook kernel is one process: a plan split over 2 would silently halve the effective batch."""
+    from smoltulu_utils.training import WorldSizeError
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    recipe = load_recipe("sft_1130").replace(effective_batch_size=4)
+    profile = get_profile("smoke").replace(per_device_batch_cap=2, max_steps=1, model="tiny")
+    plan = resolve(recipe, profile, num_processes=2, verbose=False)
+    with pytest.raises(WorldSizeError, match=r"num_processes=1.*--processes 2"):
+        train_sft(plan, tmp_path / "out", rows=[])
+    assert not (tmp_path / "out").exists()  # refused before anything loaded or was written
