@@ -235,14 +235,23 @@ class Plan:
             else "the paper prints no ratio for this stage"
         )
         processes = "processes" if self.num_processes > 1 else "process"
+        batch = (
+            f"effective batch {self.effective_batch_size} = {self.per_device_batch_size} per device x "
+            f"{self.gradient_accumulation_steps} accumulation x {self.num_processes} {processes} "
+            f"(the largest per-device batch up to the cap of {self.per_device_batch_cap} that divides it)"
+        )
+        if isinstance(r, RLVRRecipe):  # PPO counts rollouts per process, as Tulu 3 did (rlvr.rlvr_batch_sizes)
+            batch = (
+                f"{r.rollout_batch_size} rollouts and a minibatch of {r.minibatch_size} per process x "
+                f"{self.num_processes} {processes} = {r.rollout_batch_size * self.num_processes} prompts per "
+                f"iteration, {r.minibatch_size * self.num_processes} responses per optimizer step"
+            )
         lines = [
             f"Plan for {r.name} ({r.stage}), profile '{self.profile}', on {hw.device} x{hw.n_devices} ({hw.device_name})",
             f"  model : {model}",
             f"  data  : {r.dataset} from {self.data}"
             + (f", at most {self.max_train_samples} samples" if self.max_train_samples else ""),
-            f"  batch : effective batch {self.effective_batch_size} = {self.per_device_batch_size} per device x "
-            f"{self.gradient_accumulation_steps} accumulation x {self.num_processes} {processes} "
-            f"(the largest per-device batch up to the cap of {self.per_device_batch_cap} that divides it)",
+            f"  batch : {batch}",
             f"  LR/BS : {self.learning_rate:.3g} / {self.effective_batch_size} = {self.lr_bs_ratio:.3g} "
             f"({r.ratio_scaled:.4g} x {exponent}; {scale})",
             f"  length: {self.max_length} tokens; steps: {self.max_steps or 'as the recipe (epochs or episodes)'}",

@@ -265,3 +265,10 @@ def test_single_gpu_caps_rlvr_episodes_and_says_so():
     ).replace(max_length=2048)
     with pytest.raises(ValueError, match="max_episodes"):
         get_profile("single_gpu").replace(max_episodes=0)
+
+
+def test_an_rlvr_plan_says_its_rollouts_are_per_process():
+    """PPO counts rollouts per process (as Tulu 3): the plan prints the global sizes, not a split of 32."""
+    text = resolve("rlvr_ppo", "smoke", num_processes=2, verbose=False).describe()
+    assert "32 rollouts and a minibatch of 32 per process x 2 processes = 64 prompts per iteration" in text
+    assert "effective batch 32 = " not in text
