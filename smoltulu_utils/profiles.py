@@ -240,7 +240,8 @@ class Plan:
             f"{self.gradient_accumulation_steps} accumulation x {self.num_processes} {processes} "
             f"(the largest per-device batch up to the cap of {self.per_device_batch_cap} that divides it)"
         )
-        if isinstance(r, RLVRRecipe):  # PPO counts rollouts per process, as Tulu 3 did (rlvr.rlvr_batch_sizes)
+        # PPO counts rollouts per process, as Tulu 3 did (rlvr.rlvr_batch_sizes)
+        if isinstance(r, RLVRRecipe):
             batch = (
                 f"{r.rollout_batch_size} rollouts and a minibatch of {r.minibatch_size} per process x "
                 f"{self.num_processes} {processes} = {r.rollout_batch_size * self.num_processes} prompts per "
