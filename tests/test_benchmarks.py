@@ -113,7 +113,7 @@ def test_gpu_check_runs_every_check_in_its_cpu_version(tmp_path, capsys):
     report = script.main(["--cpu", "--out", str(tmp_path / "gpu_check.json")])
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("gpu_check ")]
     assert report["failed"] == [], {n: o.get("traceback") for n, o in report["checks"].items() if not o["ok"]}
-    assert [line.split(":")[0] for line in lines[:-1]] == [f"gpu_check {name}" for name in script.CHECKS]
+    assert [line.split(":")[0] for line in lines] == [f"gpu_check {name}" for name in script.CHECKS]
     checks = {name: outcome["result"] for name, outcome in report["checks"].items()}
     assert checks["sft_bf16"]["master_weights"] == "torch.float32" and checks["sft_bf16"]["tokens_per_s"] > 0
     assert checks["lora_chain"]["merged"] == {"sft": True, "dpo": True, "rm": True}
