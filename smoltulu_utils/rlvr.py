@@ -68,7 +68,7 @@ from .ppo import (
     value_model_from_policy,
 )
 from .recipes import RLVRRecipe
-from .training import data_entry
+from .training import check_world_size, data_entry
 from .verifiers import GroundTruthError, Target, parse_ground_truth, parse_target, verify
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -621,7 +621,7 @@ def _run_grpo(plan, model, tokenizer, examples, report, iterations, settings, re
     from .scale_out import device_settings
 
     recipe = plan.recipe
-    _check_world(plan)
+    check_world_size(plan)  # rollout sizes are per process: another count changes the global batch
     use_vllm = choose_generator(generator) == "vllm"
     sizes = rlvr_batch_sizes(plan)
     batch_arguments = grpo_batch_arguments(plan, settings)
@@ -723,13 +723,6 @@ def rlvr_batch_sizes(plan: Plan) -> BatchSizes:
 def _num_epochs(plan: Plan) -> int:
     """Passes over each rollout batch: the recipe's ``num_epochs`` (Tulu 3: 4), at least 1."""
     return max(1, round(plan.recipe.num_epochs))
-
-
-def _check_world(plan: Plan) -> None:
-    """The run must have the process count the plan's sizes were formed for (rollout sizes are per process)."""
-    from .training import check_world_size
-
-    check_world_size(plan)
 
 
 def _iterations(plan: Plan, max_iterations: int | None) -> int:
@@ -928,7 +921,7 @@ def _ppo_trainer(plan, model, tokenizer, examples, iterations, reward_model, val
     """The PPO trainer of a plan: the recipe's per-process sizes times ``plan.num_processes`` (as Tulu 3),
     ``num_epochs`` passes per rollout batch, rollouts by ``generate`` unless ``generator="vllm"``."""
     recipe = plan.recipe
-    _check_world(plan)
+    check_world_size(plan)  # rollout sizes are per process: another count changes the global batch
     sizes = rlvr_batch_sizes(plan)
     engine = choose_generator(generator)  # before any model loads: a clear error when vLLM cannot run
     if value_model is None:

@@ -15,7 +15,7 @@ from smoltulu_utils.manifest import ManifestError, read_manifest, write_manifest
 from smoltulu_utils.paths import FIXTURES_DIR
 from smoltulu_utils.profiles import resolve
 from smoltulu_utils.results import ResultsStore
-from smoltulu_utils.training import WorldSizeError
+from smoltulu_utils.training import WorldSizeError, check_world_size
 
 
 @pytest.fixture
@@ -243,9 +243,9 @@ def test_rollout_and_minibatch_sizes_are_per_process_as_tulu3_counts_them(monkey
     # a plan for 2 processes run by 1 would change the global batch: refused, with the fix
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(WorldSizeError, match=r"num_processes=1"):
-        rlvr._check_world(plan)
+        check_world_size(plan)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    rlvr._check_world(plan)
+    check_world_size(plan)
 
 
 @pytest.mark.parametrize("method", ["ppo", "grpo"])
