@@ -26,16 +26,14 @@ from pathlib import Path
 from smoltulu_utils.atomic import atomic_open
 from smoltulu_utils.contamination import (
     BENCHMARKS,
-    FULL_ROWS,
     NGRAM_SIZE,
     THRESHOLD,
     NgramIndex,
     benchmark_items,
     normalize,
-    prompt_texts,
     scan_rows,
 )
-from smoltulu_utils.data import mirror_path
+from smoltulu_utils.data import FULL_ROWS, mirror_path, prompt_texts
 from smoltulu_utils.hardware import detect_hardware, hardware_report
 from smoltulu_utils.paths import FIXTURES_DIR, results_dir
 

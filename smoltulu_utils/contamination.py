@@ -1,71 +1,41 @@
 """Benchmark contamination of the training mixtures (the paper's Tables 1, 4 and 13), by n-gram matching.
 
-The rule is the one Tulu 3 used to check its mixtures (open-instruct ``decontamination/search.py``;
-the paper's tables list exactly that script's benchmarks, plus WildGuardMix and WildJailbreak):
+The rule is Tulu 3's (open-instruct ``decontamination/search.py``, whose benchmarks the paper's tables
+list): every user turn of a training row is a document (a preference pair's are those of ``chosen``);
+an item is the question text of a benchmark row (:data:`ITEM_FIELDS`, answer options left out); text
+is lowercased into ``\\w+`` tokens; an item is contaminated when a single document covers **more than
+half** (:data:`THRESHOLD`) of its tokens with shared **8-grams** (:data:`NGRAM_SIZE`: a shared 8-word
+phrase is rarely chance, and one changed word still leaves most of a question covered). Items with
+fewer than 8 tokens have no 8-gram and are never flagged (``n_short``).
 
-- **documents**: every *user* turn of a training example is one document (Tulu 3 indexed only the
-  prompts: ``--query_filter role:user``); a preference pair's prompt is the user turns of ``chosen``;
-- **items**: the question text of each benchmark item, the field Tulu 3 queried where it checked the
-  benchmark (GSM8K ``question``, IFEval ``prompt``, BBH ``input``, MMLU-Pro ``question``) and the
-  question part of the kit's prompt otherwise (ARC ``question``, HellaSwag ``ctx`` without its
-  ``[step]`` markers, PIQA ``goal``); answer options are left out, as Tulu 3 left them out;
-- **normalisation**: lowercase, then word tokens (``\\w+``, Unicode-aware), so punctuation is dropped
-  and whitespace collapsed: the same text up to case, punctuation and spacing gives the same tokens
-  (Tulu 3 matched phrases in Elasticsearch's standard analyser, which also lowercases and drops
-  punctuation);
-- **n = 8** (:data:`NGRAM_SIZE`): a token of an item is *covered* by a document when one of the
-  item's 8-grams that contains it also occurs in that document. 8 is Tulu 3's choice: long enough
-  that a shared 8-word phrase is rarely chance, short enough that one changed word still leaves most
-  of a question covered (only the 8 windows through the changed word miss);
-- **threshold 0.5** (:data:`THRESHOLD`): an item is contaminated when one single document covers
-  **more than half** of its tokens (Tulu 3's ``--match_threshold 0.5``, ``score > threshold``);
-  an item with fewer than 8 tokens has no 8-gram and is never flagged (as in Tulu 3; counted in
-  ``n_short``).
-
-Written by hand because no maintained library does it offline: open-instruct's scripts need a
-running Elasticsearch server, spaCy and an embedding model, and neither ``datasets`` nor ``lm-eval``
-checks overlap. It scales to the full mixtures on one machine: the benchmark side (about 36,000
-items) is indexed once in a dict of n-gram hash -> (item, position); the training side is streamed
-row by row (:func:`stream_rows`, a JSONL mirror line by line or the Hub in streaming mode) and only
-its matches are kept, so memory does not grow with the mixture. Bad training rows are reported with
-their index and reason, skipped and counted.
+Written by hand because no maintained library checks overlap offline (open-instruct's scripts need an
+Elasticsearch server). The benchmark side (about 36,000 items) is indexed once; the mixture is streamed
+row by row and only matches are kept, so memory does not grow with the mixture.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from .data import DataSourceError, MirrorFileMissing, get_spec, load_rows, mirror_path
+from .data import FULL_ROWS, get_spec, load_rows, mixture_spec, scan_prompts, stream_rows
 from .data_checks import RowProblem
-from .paths import mirror_dir
-from .tables import CONTAMINATION_METRIC, DATA_STAGE
-
-__all__ = [
-    "BENCHMARKS", "FULL_ROWS", "MIXTURES", "NGRAM_SIZE", "THRESHOLD", "BenchmarkItem", "Match",
-    "NgramIndex", "ScanResult", "benchmark_items", "contamination_frame", "item_text", "items_from_rows",
-    "normalize", "perturb", "prompt_texts", "results_rows", "scan_mixture", "scan_rows", "stream_rows",
-]  # fmt: skip
+from .results import CONTAMINATION_METRIC, data_rows
 
 #: Tulu 3's n-gram length and coverage threshold (see the module docstring).
 NGRAM_SIZE = 8
 THRESHOLD = 0.5
-#: The training mixtures of Tables 1 (SFT), 4 (preference) and 13 (RLVR), as kit dataset names.
-MIXTURES = ("tulu3_sft", "tulu3_preference", "rlvr_mixed")
-#: Rows of the full mixtures (dataset cards: the SFT card's text says 939,344, its dataset_info
-#: 939,343; the preference card's text 272,898, its dataset_info 271,409; RLVR 29,946).
-FULL_ROWS = {"tulu3_sft": 939_344, "tulu3_preference": 272_898, "rlvr_mixed": 29_946}
 #: The kit's seven evaluation benchmarks (kit dataset names); every config of each, its eval split.
 BENCHMARKS = ("arc", "bbh", "gsm8k", "hellaswag", "ifeval", "mmlu_pro", "piqa")
-#: Benchmark -> the field holding an item's question text.
+#: Benchmark -> the field holding an item's question text: the one Tulu 3 queried where it checked the
+#: benchmark, else the question part of the kit's prompt (HellaSwag's without its ``[step]`` markers).
 ITEM_FIELDS = {
     "arc": "question",
     "bbh": "input",
@@ -92,10 +62,10 @@ def normalize(text: str) -> list[str]:
 
 
 def perturb(text: str, replacement: str = "zebra") -> str:
-    """``text`` lightly disguised: upper case, punctuation removed, whitespace doubled, middle word replaced.
+    """``text`` disguised: upper case, no punctuation, doubled spaces, middle word replaced.
 
-    The scan must still find such a copy when the text has at least ``2 * NGRAM_SIZE + 1`` words (the
-    changed word leaves 8 or more words on each side); the notebook and the tests plant these copies.
+    The scan still finds such a copy of a text of at least ``2 * NGRAM_SIZE + 1`` words; the notebook and
+    tests plant these.
     """
     words = _PUNCT.sub("", text).split()
     if words:
@@ -145,11 +115,7 @@ def items_from_rows(
 def benchmark_items(
     benchmarks: Sequence[str] = BENCHMARKS, *, mirror: str | Path | None = None, limit: int | None = None
 ) -> list[BenchmarkItem]:
-    """Every item of the benchmarks' eval splits (all configs), read with ``data.load_rows``.
-
-    ``mirror``: a JSONL mirror (``data/fixtures`` in the smoke profile), else ``SMOLTULU_DATA_MIRROR``,
-    else the Hub at the pinned revisions. ``limit``: items per config.
-    """
+    """Every item of the benchmarks' eval splits (all configs; ``limit`` per config), via ``data.load_rows``."""
     items = []
     for name in benchmarks:
         spec = get_spec(name)
@@ -160,13 +126,11 @@ def benchmark_items(
 
 
 class NgramIndex:
-    """The benchmark items' n-grams: hash of the n-gram -> (item number, start position) codes.
+    """The benchmark items' n-grams: hash of the n-gram -> ``item << 20 | start`` codes.
 
-    Keys are Python hashes of the token tuples (64 bits; a chance collision among a few million
-    n-grams has odds below one in a billion and would at worst add one covered window), and each
-    posting is one integer ``item << 20 | start`` (a list only for n-grams shared by several places),
-    so the index of all seven benchmarks fits in about 100 MB. Build it once; :meth:`coverage` is
-    what the scan calls per document.
+    Keys are 64-bit hashes of the token tuples (a chance collision among a few million n-grams has odds
+    below one in a billion and at worst adds one covered window), so the index of all seven benchmarks
+    fits in about 100 MB. Build it once; the scan calls :meth:`coverage` per document.
     """
 
     def __init__(self, items: Sequence[BenchmarkItem], n: int = NGRAM_SIZE):
@@ -236,79 +200,6 @@ def _covered(starts: list[int], n: int) -> int:
     return total
 
 
-# --- the training side -------------------------------------------------------------------------
-
-
-def prompt_texts(kind: str, row: Any) -> list[str]:
-    """The user turns of one training row (``kind``: ``sft``, ``rlvr`` or ``preference``).
-
-    Raises ValueError naming the problem when the row has no usable user turn.
-    """
-    if not isinstance(row, Mapping):
-        raise ValueError(f"row is {type(row).__name__}, expected a JSON object")
-    key = "chosen" if kind == "preference" else "messages"
-    messages = row.get(key)
-    if not isinstance(messages, list):
-        raise ValueError(f"'{key}' is {type(messages).__name__}, expected a list of messages")
-    texts = [
-        m["content"]
-        for m in messages
-        if isinstance(m, Mapping) and m.get("role") == "user" and isinstance(m.get("content"), str)
-    ]
-    if not texts:
-        raise ValueError(f"no user turn with text in '{key}'")
-    return texts
-
-
-def stream_rows(
-    name: str, *, mirror: str | Path | None = None, limit: int | None = None, problems: list | None = None
-) -> Iterator[dict]:
-    """The rows of a dataset's first split one at a time, never all in memory.
-
-    From ``mirror`` (or ``SMOLTULU_DATA_MIRROR``): the JSONL file read line by line; a line that is
-    not JSON is appended to ``problems`` as a :class:`RowProblem` (and yielded as ``None`` so that
-    row indices stay line numbers). Without a mirror: the Hub at the pinned revision, in streaming mode.
-    """
-    spec = get_spec(name)
-    root = Path(mirror) if mirror is not None else mirror_dir()
-    if root is not None:
-        path = mirror_path(spec.name, root=root)
-        if not path.is_file():
-            raise MirrorFileMissing(
-                f"no mirror file for {spec.name} ({spec.hub_id}): expected {path}. Write a mirror with "
-                "`python -m smoltulu_utils mirror --out DIR` on a machine with Hub access, or pass "
-                "mirror=None to stream from the Hub."
-            )
-        with open(path, encoding="utf-8") as handle:
-            index = 0
-            for number, line in enumerate(handle, start=1):
-                if limit is not None and index >= limit:
-                    return
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except ValueError as exc:
-                    if problems is not None:
-                        problems.append(RowProblem(str(path), index, f"line {number} is not JSON ({exc})"))
-                    row = None
-                yield row
-                index += 1
-        return
-    import datasets
-
-    try:
-        stream = datasets.load_dataset(
-            spec.hub_id, split=spec.splits[0], revision=spec.revision, streaming=True
-        )
-    except Exception as exc:
-        raise DataSourceError(
-            f"could not stream {spec.hub_id} (revision {spec.revision}) from the Hub: {type(exc).__name__}: "
-            f"{exc}. Offline, pass mirror=DIR (a JSONL mirror; data/fixtures is a small one)."
-        ) from exc
-    yield from stream.take(limit) if limit is not None else stream
-
-
 # --- the scan ----------------------------------------------------------------------------------
 
 
@@ -352,10 +243,7 @@ class ScanResult:
         return self.n_words / self.n_rows if self.n_rows else float("nan")
 
     def projected_seconds(self, rows: int | None = None) -> float:
-        """Seconds a scan of ``rows`` rows would take at the measured rate (default: the full mixture).
-
-        The rate holds for rows of about :attr:`words_per_row` prompt words; longer rows scan slower.
-        """
+        """Seconds to scan ``rows`` rows (default: the full mixture) of about :attr:`words_per_row` words."""
         rows = FULL_ROWS.get(self.mixture, self.n_rows) if rows is None else rows
         return rows / self.rows_per_second
 
@@ -421,30 +309,15 @@ def scan_rows(
     total: int | None = None,
     problems: list[RowProblem] | None = None,
 ) -> ScanResult:
-    """Scan training rows (of schema ``kind``) once; keep each item's best-covering document.
+    """Scan training rows (of schema ``kind``, any iterable) once; keep each item's best-covering document.
 
-    ``rows`` may be any iterable (a stream); a row without a usable user turn is recorded in
-    ``result.problems`` with its index and reason, skipped and counted. ``progress`` shows a tqdm bar.
+    Rows without a usable user turn are recorded in ``result.problems``, skipped and counted.
     """
     result = ScanResult(mixture, index, threshold, problems=problems if problems is not None else [])
-    iterator: Iterable[Any] = rows
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(rows, total=total, desc=f"contamination {mixture}", unit="row", mininterval=1.0)
     best, items = result.best, index.items
     start = time.perf_counter()
-    for row_index, row in enumerate(iterator):
-        result.n_rows += 1
-        if row is None:  # a line that was not JSON, already recorded by stream_rows
-            result.n_skipped += 1
-            continue
-        try:
-            texts = prompt_texts(kind, row)
-        except ValueError as exc:
-            result.n_skipped += 1
-            result.problems.append(RowProblem(mixture, row_index, str(exc)))
-            continue
+    scan = scan_prompts(rows, kind, result, desc=f"contamination {mixture}", progress=progress, total=total)
+    for row_index, row, texts in scan:
         for text in texts:
             tokens = normalize(text)
             result.n_documents += 1
@@ -472,9 +345,7 @@ def scan_mixture(
     progress: bool = True,
 ) -> ScanResult:
     """Stream one training mixture (``tulu3_sft``, ``tulu3_preference``, ``rlvr_mixed``) through the index."""
-    spec = get_spec(name)
-    if spec.kind not in ("sft", "rlvr", "preference"):
-        raise ValueError(f"{name} is not a training mixture; choose from {', '.join(MIXTURES)}")
+    spec = mixture_spec(name)
     problems: list[RowProblem] = []
     rows = stream_rows(spec.name, mirror=mirror, limit=limit, problems=problems)
     return scan_rows(
@@ -492,33 +363,22 @@ def contamination_frame(results: Iterable[ScanResult]) -> pd.DataFrame:
 def results_rows(
     results: Iterable[ScanResult], *, run_id: str, settings: Mapping[str, Any] | None = None
 ) -> list[dict[str, Any]]:
-    """Rows for :class:`~smoltulu_utils.results.ResultsStore`: one per mixture and benchmark.
-
-    ``stage`` is ``"data"``, ``model`` the mixture, ``benchmark`` the benchmark's Hub id, ``metric``
-    ``"contamination_percent"``, ``value`` the percent and ``n`` the items; the counts, n, threshold
-    and rows scanned go into ``settings``. ``tables.table1`` (4, 13) reads them.
+    """Results-store rows (:func:`~smoltulu_utils.results.data_rows`) per mixture and benchmark Hub id, for
+    ``tables.table1`` (4, 13): value the percent, n the items, the counts and scan settings in settings.
     """
-    out = []
+    rows = []
     for result in results:
+        scan = {
+            "ngram": result.index.n,
+            "threshold": result.threshold,
+            "rows_scanned": result.n_rows,
+            "rows_skipped": result.n_skipped,
+        }
+        values = []
         for row in result.frame().to_dict("records"):
-            out.append(
-                {
-                    "run_id": run_id,
-                    "stage": DATA_STAGE,
-                    "model": result.mixture,
-                    "benchmark": row["benchmark"],
-                    "metric": CONTAMINATION_METRIC,
-                    "value": float(row["percent"]),
-                    "n": int(row["n_items"]),
-                    "settings": {
-                        **dict(settings or {}),
-                        "n_contaminated": int(row["n_contaminated"]),
-                        "n_short": int(row["n_short"]),
-                        "ngram": result.index.n,
-                        "threshold": result.threshold,
-                        "rows_scanned": result.n_rows,
-                        "rows_skipped": result.n_skipped,
-                    },
-                }
+            counts = {"n_contaminated": int(row["n_contaminated"]), "n_short": int(row["n_short"])}
+            values.append(
+                (row["benchmark"], row["percent"], row["n_items"], {**dict(settings or {}), **counts, **scan})
             )
-    return out
+        rows += data_rows(run_id, result.mixture, CONTAMINATION_METRIC, values)
+    return rows

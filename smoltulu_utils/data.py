@@ -1,13 +1,11 @@
-"""Every dataset the kit reads: a pinned registry, one loader, row checks and a tour of the data.
+"""Every dataset the kit reads: a pinned registry, one loader, a mixture streamer and a tour of the data.
 
-``load_rows(name)`` reads a dataset from, in this order: the ``mirror`` argument, the folder named
-by ``SMOLTULU_DATA_MIRROR``, or the Hugging Face Hub at the pinned revision. A mirror is a folder
-of JSONL files in the Hub schema laid out as ``{mirror}/{hub_id}/{config}/{split}.jsonl``;
-``data/fixtures/`` is one (small rows written for the kit), so the smoke profile passes
-``mirror=FIXTURES_DIR``. ``write_mirror`` builds a full mirror on a machine with Hub access.
-
-Loading goes through ``datasets``; the row checks (``data_checks``) and the statistics are written
-here by hand because no library checks what a chat or preference row means.
+``load_rows(name)`` (and ``stream_rows`` for the large training mixtures) read from the ``mirror``
+argument, else the folder named by ``SMOLTULU_DATA_MIRROR``, else the Hub at the pinned revision. A
+mirror holds JSONL files in the Hub schema at ``{mirror}/{hub_id}/{config}/{split}.jsonl``;
+``data/fixtures/`` is a small one (the smoke profile's) and ``write_mirror`` writes a full one.
+Loading goes through ``datasets``; the row checks and statistics are written by hand because no
+library checks what a chat or preference row means.
 """
 
 from __future__ import annotations
@@ -16,7 +14,7 @@ import json
 import logging
 import statistics
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,15 +22,9 @@ from typing import Any
 import datasets
 
 from .atomic import atomic_open
-from .data_checks import FEATURES, DataError, RowProblem, check_rows, row_problems
+from .data_checks import FEATURES, DataError, RowProblem, check_rows
 from .errors import KitError
 from .paths import FIXTURES_DIR, mirror_dir
-
-__all__ = [
-    "BBH_SUBSETS", "DATASETS", "DataError", "DataSourceError", "DatasetSpec", "MirrorFileMissing",
-    "RowProblem", "describe_rows", "example_lengths", "get_spec", "load_rows", "mirror_path",
-    "read_jsonl", "row_problems", "schema_of", "to_dataset", "validate_rows", "write_jsonl", "write_mirror",
-]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +140,13 @@ DATASETS: dict[str, DatasetSpec] = {
 }  # fmt: skip
 
 
+#: The training mixtures (Tables 1/10 SFT, 4/11 preference, 13/12 RLVR) and their full row counts (dataset
+#: cards: the SFT card's text says 939,344, its dataset_info 939,343; the preference card's text
+#: 272,898, its dataset_info 271,409).
+FULL_ROWS = {"tulu3_sft": 939_344, "tulu3_preference": 272_898, "rlvr_mixed": 29_946}
+MIXTURES = tuple(FULL_ROWS)
+
+
 class DataSourceError(KitError, OSError):
     """A dataset could not be read from its mirror or from the Hub."""
 
@@ -190,6 +189,20 @@ def mirror_path(
     return root / spec.hub_id / config / f"{split}.jsonl"
 
 
+def _mirror_file(spec: DatasetSpec, split: str, config: str, mirror: str | Path | None) -> Path | None:
+    """The mirror file to read (``mirror``, else ``SMOLTULU_DATA_MIRROR``), or None to read the Hub."""
+    root = Path(mirror) if mirror is not None else mirror_dir()
+    if root is None:
+        return None
+    path = mirror_path(spec.name, split, config, root)
+    if not path.is_file():
+        raise MirrorFileMissing(
+            f"no mirror file for {spec.name} ({spec.hub_id}, config {config}, split {split}): "
+            f"expected {path}.\n{_fetch_advice()}"
+        )
+    return path
+
+
 def _fetch_advice() -> str:
     return (
         "To fetch it: on a machine with Hub access run `python -m smoltulu_utils mirror --out DIR` "
@@ -198,19 +211,29 @@ def _fetch_advice() -> str:
     )
 
 
-def read_jsonl(path: str | Path, limit: int | None = None) -> list[dict]:
-    """Rows of a JSONL file (blank lines skipped); raise :class:`DataError` naming every bad line."""
-    rows, problems = [], []
+def _jsonl_rows(path: Path, problems: list, limit: int | None = None) -> Iterator[dict | None]:
+    """The rows of a JSONL file one at a time (blank lines skipped); a line that is not JSON is added to
+    ``problems`` and yielded as None, so that row indices stay the same."""
     with open(path, encoding="utf-8") as handle:
+        index = 0
         for number, line in enumerate(handle, start=1):
-            if limit is not None and len(rows) >= limit:
-                break
+            if limit is not None and index >= limit:
+                return
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except ValueError as exc:
-                problems.append(RowProblem(str(path), number - 1, f"line {number} is not valid JSON ({exc})"))
+                problems.append(RowProblem(str(path), index, f"line {number} is not valid JSON ({exc})"))
+                row = None
+            yield row
+            index += 1
+
+
+def read_jsonl(path: str | Path, limit: int | None = None) -> list[dict]:
+    """Rows of a JSONL file (blank lines skipped); raise :class:`DataError` naming every bad line."""
+    problems: list[RowProblem] = []
+    rows = list(_jsonl_rows(Path(path), problems, limit))
     if problems:
         raise DataError(problems)
     return rows
@@ -244,16 +267,20 @@ def validate_rows(
     return check_rows(spec.kind, rows, label=spec.hub_id, strict=strict, where=where)
 
 
-def _load_from_hub(spec: DatasetSpec, split: str, config: str, limit: int | None) -> datasets.Dataset:
-    """The split from the Hub at the pinned revision; with ``limit``, stream only the first rows."""
+def _load_from_hub(
+    spec: DatasetSpec, split: str, config: str, limit: int | None, *, streaming: bool = False
+) -> Any:
+    """The split from the Hub at the pinned revision, as a Dataset or (``streaming``) an iterable of rows;
+    with ``limit``, only the first rows are streamed."""
     config_arg = None if config == "default" else config
     try:
-        if limit is None:
+        if limit is None and not streaming:
             return datasets.load_dataset(spec.hub_id, config_arg, split=split, revision=spec.revision)
         stream = datasets.load_dataset(
             spec.hub_id, config_arg, split=split, revision=spec.revision, streaming=True
         )
-        return datasets.Dataset.from_list(list(stream.take(limit)), features=spec.features)
+        stream = stream.take(limit) if limit is not None else stream
+        return stream if streaming else datasets.Dataset.from_list(list(stream), features=spec.features)
     except Exception as exc:
         raise DataSourceError(
             f"could not load {spec.name} ({spec.hub_id}, config {config}, split {split}, revision "
@@ -277,22 +304,97 @@ def load_rows(
     """
     spec = get_spec(name)
     split, config = _resolve(spec, split, config)
-    root = Path(mirror) if mirror is not None else mirror_dir()
-    if root is None:
+    path = _mirror_file(spec, split, config, mirror)
+    if path is None:
         ds = _load_from_hub(spec, split, config, limit)
         if validate:
             check_rows(spec.kind, ds, label=_label(spec, config), where=f" ({split}, from the Hub)")
         return ds
-    path = mirror_path(spec.name, split, config, root)
-    if not path.is_file():
-        raise MirrorFileMissing(
-            f"no mirror file for {spec.name} ({spec.hub_id}, config {config}, split {split}): "
-            f"expected {path}.\n{_fetch_advice()}"
-        )
     rows = read_jsonl(path, limit=limit)
     if validate:
         check_rows(spec.kind, rows, label=_label(spec, config), where=f" ({split}, {path})")
     return to_dataset(spec.name, rows)
+
+
+def stream_rows(
+    name: str, *, mirror: str | Path | None = None, limit: int | None = None, problems: list | None = None
+) -> Iterator[dict | None]:
+    """The rows of a dataset's first split one at a time, never all in memory.
+
+    A mirror's JSONL file is read line by line (a line that is not JSON goes to ``problems`` and is yielded
+    as ``None``, so row indices stay line numbers); the Hub is streamed at the pinned revision.
+    """
+    spec = get_spec(name)
+    path = _mirror_file(spec, spec.splits[0], spec.configs[0], mirror)
+    if path is None:
+        yield from _load_from_hub(spec, spec.splits[0], spec.configs[0], limit, streaming=True)
+    else:
+        yield from _jsonl_rows(path, problems if problems is not None else [], limit)
+
+
+def mixture_spec(name: str) -> DatasetSpec:
+    """The registry entry of a training mixture (one of :data:`MIXTURES`)."""
+    spec = get_spec(name)
+    if spec.name not in MIXTURES:
+        raise ValueError(f"{name} is not a training mixture; choose from {', '.join(MIXTURES)}")
+    return spec
+
+
+def prompt_texts(kind: str, row: Any) -> list[str]:
+    """The user turns of one training row (``kind``: ``sft``, ``rlvr`` or ``preference``).
+
+    Raises ValueError naming the problem when the row has no usable user turn.
+    """
+    if not isinstance(row, Mapping):
+        raise ValueError(f"row is {type(row).__name__}, expected a JSON object")
+    key = "chosen" if kind == "preference" else "messages"
+    messages = row.get(key)
+    if not isinstance(messages, list):
+        raise ValueError(f"'{key}' is {type(messages).__name__}, expected a list of messages")
+    texts = [
+        m["content"]
+        for m in messages
+        if isinstance(m, Mapping) and m.get("role") == "user" and isinstance(m.get("content"), str)
+    ]
+    if not texts:
+        raise ValueError(f"no user turn with text in '{key}'")
+    return texts
+
+
+def scan_prompts(
+    rows: Iterable[Any],
+    kind: str,
+    tally: Any,
+    *,
+    stride: int = 1,
+    desc: str = "",
+    progress: bool = False,
+    total: int | None = None,
+) -> Iterator[tuple[int, Any, list[str]]]:
+    """``(index, row, user turns)`` of every ``stride``-th row with a usable user turn, for a mixture scan.
+
+    ``tally`` (a scan's result: ``mixture``, ``n_rows``, ``n_skipped``, ``problems``) counts every row
+    read; ``None`` rows (lines that were not JSON) and rows without a user turn are skipped and counted,
+    the latter recorded in ``tally.problems``. ``progress`` shows a tqdm bar labelled ``desc``.
+    """
+    if progress:
+        from tqdm.auto import tqdm
+
+        rows = tqdm(rows, total=total, desc=desc, unit="row", mininterval=1.0)
+    for index, row in enumerate(rows):
+        tally.n_rows += 1
+        if index % stride:
+            continue
+        if row is None:  # a line that was not JSON, already recorded by stream_rows
+            tally.n_skipped += 1
+            continue
+        try:
+            texts = prompt_texts(kind, row)
+        except ValueError as exc:
+            tally.n_skipped += 1
+            tally.problems.append(RowProblem(tally.mixture, index, str(exc)))
+            continue
+        yield index, row, texts
 
 
 def write_mirror(
@@ -310,14 +412,8 @@ def write_mirror(
                 ds = _load_from_hub(spec, split, config, limit)
                 _, problems = check_rows(spec.kind, ds, label=_label(spec, config), strict=False)
                 if problems:
-                    log.warning(
-                        "%s %s/%s: %d row problem(s), e.g. %s",
-                        name,
-                        config,
-                        split,
-                        len(problems),
-                        problems[0],
-                    )
+                    where = f"{name} {config}/{split}"
+                    log.warning("%s: %d row problem(s), e.g. %s", where, len(problems), problems[0])
                 paths.append(write_jsonl(ds, mirror_path(name, split, config, out)))
     return paths
 
@@ -335,12 +431,9 @@ def _parts(kind: str, row: Mapping) -> dict[str, str]:
     if kind == "rewardbench":
         return {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]}
     if kind in ("preference", "ultrafeedback"):
-        prompt = "".join(m["content"] for m in row["chosen"][:-1])
-        return {
-            "prompt": prompt,
-            "chosen": row["chosen"][-1]["content"],
-            "rejected": row["rejected"][-1]["content"],
-        }
+        chosen, rejected = row["chosen"], row["rejected"]
+        prompt = "".join(m["content"] for m in chosen[:-1])
+        return {"prompt": prompt, "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}
     return {key: _text_of(value) for key, value in row.items() if _text_of(value)}
 
 
@@ -381,20 +474,15 @@ def _token_counts(tokenizer: Any, texts: list[str]) -> list[int]:
 def _summary(values: list[int]) -> dict[str, float]:
     if not values:
         return {"min": 0, "median": 0, "mean": 0.0, "max": 0}
-    return {
-        "min": min(values),
-        "median": statistics.median(values),
-        "mean": round(statistics.fmean(values), 1),
-        "max": max(values),
-    }
+    mean = round(statistics.fmean(values), 1)
+    return {"min": min(values), "median": statistics.median(values), "mean": mean, "max": max(values)}
 
 
 def example_lengths(rows: Iterable[Mapping], tokenizer: Any = None) -> list[int]:
     """Length of each example in characters, or in tokens with a tokenizer.
 
-    With a tokenizer that has a chat template, a conversation is measured as training sees it:
-    rendered with the template, special tokens included (what ``max_length`` cuts). Benchmark rows,
-    or a tokenizer without a template, count the tokens of all their text.
+    With a chat template, a conversation is counted as training sees it (rendered, special tokens included);
+    other rows, or a tokenizer without a template, count the tokens of all their text.
     """
     rows = list(rows)
     if tokenizer is None:

@@ -2,13 +2,10 @@
 
 :func:`evaluate` takes a model in memory (with its tokenizer), a checkpoint folder, a Hub id, or the
 kit keywords ``"bundled"`` / ``"tiny"``; runs the kit's lm-eval tasks (:mod:`smoltulu_utils.eval_tasks`)
-with the chat template and multi-turn shots, as the paper's harness did; and returns an
-:class:`Evaluation` holding one tidy row per paper number (ready for the results store), lm-eval's
-raw output, and every per-sample prompt, response and score for inspection.
-
-Backends: transformers through lm-eval's ``HFLM`` (any device), or vLLM through lm-eval's ``VLLM``
-when vLLM is installed and a GPU is present (a folder or Hub id only). Everything scoring-related is
-lm-eval's; this module only chooses settings and reshapes results.
+with the chat template and multi-turn shots, as the paper's harness did, through lm-eval's ``HFLM``
+(or ``VLLM`` when vLLM and a GPU are present); and returns one results-store row per paper number,
+lm-eval's raw output and every per-sample record. Scoring is lm-eval's; this module only chooses
+settings and reshapes results.
 """
 
 from __future__ import annotations
@@ -28,6 +25,7 @@ from .atomic import atomic_open
 from .errors import KitError
 from .eval_tasks import PAPER_METRICS, SUITE, paper_scores, task_manager
 from .paper import BENCHMARKS, canonical_benchmark
+from .results import EVAL_STAGE, make_row
 from .serialize import jsonable
 
 #: The reference harness capped prompts at 2,048 tokens (vLLM ``max_model_length``), left-truncated.
@@ -57,11 +55,9 @@ class EvaluationError(KitError, ValueError):
 
 @dataclass
 class Evaluation:
-    """The result of :func:`evaluate`.
-
-    ``rows``: one tidy row per paper number (run_id, stage, model, benchmark, metric, value in 0..100,
-    stderr, n, settings), ready for ``ResultsStore.append``. ``scores``: paper label -> value.
-    ``raw``: lm-eval's output without the samples. ``samples``: task -> per-sample records.
+    """The result of :func:`evaluate`: ``rows`` (one results-store row per paper number, value in
+    0..100), ``scores`` (paper label -> value), ``raw`` (lm-eval's output without the samples) and
+    ``samples`` (task -> per-sample records).
     """
 
     rows: list[dict[str, Any]]
@@ -70,19 +66,16 @@ class Evaluation:
     samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     seconds: float = 0.0
 
-    def to_frame(self) -> pd.DataFrame:
-        """The tidy rows as a DataFrame (settings kept as a dict column)."""
-        return pd.DataFrame(self.rows)
-
     def samples_frame(self, task: str | None = None) -> pd.DataFrame:
         """Per-sample prompt, response, target and scores of one task (or all), one row per sample."""
-        records = []
-        for name, samples in self.samples.items():
-            if task is not None and name != task:
-                continue
-            for sample in samples:
-                records.append({"task": name, **_sample_summary(sample)})
-        return pd.DataFrame(records)
+        return pd.DataFrame(
+            [
+                {"task": name, **_sample_summary(sample)}
+                for name, samples in self.samples.items()
+                if task is None or name == task
+                for sample in samples
+            ]
+        )
 
     def save_samples(self, folder: str | Path) -> list[Path]:
         """Write each task's samples as ``{folder}/{task}.jsonl`` (atomically); return the paths."""
@@ -103,13 +96,7 @@ def resolve_benchmarks(benchmarks: Iterable[str] | None = None) -> list[str]:
     by_task = {task: label for label, task in SUITE.items()}
     labels = []
     for name in benchmarks:
-        if name in by_task:
-            labels.append(by_task[name])
-            continue
-        try:
-            label = canonical_benchmark(name)
-        except (KeyError, ValueError):
-            label = None
+        label = by_task.get(name) or canonical_benchmark(name)
         if label not in SUITE:
             raise EvaluationError(
                 f"unknown benchmark {name!r}: use one of {', '.join(BENCHMARKS)} "
@@ -124,18 +111,14 @@ def pick_backend(backend: str, model: Any) -> str:
     is a folder or Hub id (vLLM loads weights itself), else transformers."""
     if backend not in ("auto", "hf", "vllm"):
         raise EvaluationError(f"backend must be 'auto', 'hf' or 'vllm', not {backend!r}")
-    vllm_ok = importlib.util.find_spec("vllm") is not None and _cuda_available()
+    import torch
+
+    vllm_ok = importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
     if backend == "vllm" and not vllm_ok:
         raise EvaluationError("backend 'vllm' needs the vllm package and a CUDA GPU; use backend='hf'")
     if backend == "auto":
         return "vllm" if vllm_ok and isinstance(model, str | Path) and str(model) != "tiny" else "hf"
     return backend
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _hf_lm(model: Any, tokenizer: Any, batch_size: int | str, max_length: int):
@@ -193,8 +176,7 @@ def evaluate(
 
     labels = resolve_benchmarks(benchmarks)
     chosen = pick_backend(backend, model)
-    if model_name is None:
-        model_name = _default_name(model)
+    model_name = _default_name(model) if model_name is None else model_name
     if chosen == "vllm":
         lm = _vllm_lm(model, batch_size, max_length)
     else:
@@ -241,11 +223,8 @@ def find_checkpoints(
 ) -> list[Path]:
     """Stage checkpoints (folders holding a ``manifest.json``) under ``root`` (default ``runs_dir()``).
 
-    The cells of a learning-rate sweep (``runs/sweeps/``) are left out: the sweep scores them itself;
-    so are reward models (their benchmarks are RewardBench and UltraFeedback, notebook 04). ``stages``
-    narrows the manifest stages kept (default :data:`GENERATIVE_STAGES`).
-    Given a results ``store``, checkpoints that already have evaluation rows there are left out too,
-    so a notebook evaluates only what no earlier notebook did.
+    Left out: sweep cells (the sweep scores them), stages not in ``stages`` (default
+    :data:`GENERATIVE_STAGES`: not reward models) and, given a results ``store``, checkpoints it has rows for.
     """
     from .paths import runs_dir
 
@@ -255,7 +234,7 @@ def find_checkpoints(
     found = sorted(p.parent for p in root.rglob("manifest.json") if "sweeps" not in p.relative_to(root).parts)
     found = [p for p in found if _manifest_stage(p) in (stages or GENERATIVE_STAGES)]
     if store is not None:
-        found = [p for p in found if not store.has(stage="eval", model=str(p))]
+        found = [p for p in found if not store.has(stage=EVAL_STAGE, model=str(p))]
     return found
 
 
@@ -293,27 +272,19 @@ def _tidy_rows(raw, scores, labels, model_name, paper_model, run_id, settings) -
         if label not in scores:
             continue
         metric = PAPER_METRICS[label]
-        members = metric.members or (metric.source,)
-        row = {
-            "run_id": run_id,
-            "stage": "eval",
-            "model": model_name,
-            "benchmark": label,
-            "metric": "+".join(key.split(",")[0] for key in metric.metrics),
-            "value": round(scores[label], 4),
-            "n": int(sum(counts.get(m, {}).get("effective", 0) for m in members)),
-            "settings": settings,
-        }
+        name = "+".join(key.split(",")[0] for key in metric.metrics)
+        n = int(sum(counts.get(m, {}).get("effective", 0) for m in metric.members or (metric.source,)))
         stderr = _stderr(groups.get(metric.source, {}), metric.metrics)
-        if stderr is not None:
-            row["stderr"] = round(100 * stderr, 4)
-        if paper_model:
-            row["paper_model"] = paper_model
-        rows.append(row)
+        value = round(scores[label], 4)
+        row = make_row(
+            run_id, EVAL_STAGE, model_name, label, name, value, stderr=stderr, n=n, settings=settings
+        )
+        rows.append({**row, "paper_model": paper_model} if paper_model else row)
     return rows
 
 
 def _stderr(row: Mapping[str, Any], metrics: tuple[str, ...]) -> float | None:
+    """lm-eval's stderr of a single metric, in percent (rounded as the value is), or None."""
     if len(metrics) != 1:
         return None  # an average of two metrics has no stderr of its own here
     name, _, filt = metrics[0].partition(",")
@@ -322,7 +293,7 @@ def _stderr(row: Mapping[str, Any], metrics: tuple[str, ...]) -> float | None:
         value = float(value)
     except (TypeError, ValueError):
         return None
-    return value if value == value else None  # NaN -> None
+    return round(100 * value, 4) if value == value else None  # NaN -> None
 
 
 def _sample_summary(sample: Mapping[str, Any]) -> dict[str, Any]:
@@ -333,12 +304,5 @@ def _sample_summary(sample: Mapping[str, Any]) -> dict[str, Any]:
     response = sample.get("filtered_resps")
     if isinstance(response, list) and len(response) == 1:
         response = response[0]
-    summary = {
-        "doc_id": sample.get("doc_id"),
-        "prompt": prompt,
-        "response": response,
-        "target": sample.get("target"),
-    }
-    for key in sample.get("metrics", []):
-        summary[key] = sample.get(key)
-    return summary
+    summary = {"doc_id": sample.get("doc_id"), "prompt": prompt, "response": response}
+    return summary | {key: sample.get(key) for key in ("target", *sample.get("metrics", []))}

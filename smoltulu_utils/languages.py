@@ -1,30 +1,11 @@
 """The language distribution of the training mixtures (the paper's Tables 10, 11 and 12).
 
-Each row's **prompt** (its user turns, fenced code blocks removed, the first 2,000 characters) is
-given to `langdetect <https://pypi.org/project/langdetect/>`_ 1.0.9, a port of Google's
-language-detection library (character n-gram profiles of 55 languages from Wikipedia); the row
-counts for the language it returns. The prompt is the text all three mixtures have (RLVR rows have no
-response), and a response almost always follows its prompt's language. A share is the percent of
-the rows *with a detected language* (rows with no letters, such as pure arithmetic, are counted as
-undetected and left out), which is how the paper's shares add up to 100.
-
-Determinism: langdetect draws random n-grams from the text; the kit's detector factory has
-``seed = 0`` (``DetectorFactory.seed``), so the same text always gets the same language.
-
-Accuracy caveats (read the kit's numbers with them):
-
-- short texts (a few words) are often misread, and a prompt can mix languages ("Translate into
-  French: ...") while the detector names one;
-- close languages are confused (Spanish / Catalan / Portuguese / Galician, Croatian / Slovenian,
-  Indonesian / Tagalog), and romanised Hindi or Urdu is read as some Latin-script language;
-- code, LaTeX and numbers pull the answer towards arbitrary languages (Somali, Tagalog, Welsh...);
-  removing fenced code helps, inline math remains;
-- only 55 languages exist for it: a prompt in any other language is given the nearest one;
-  ``zh-cn`` and ``zh-tw`` are both counted as Chinese.
-
-The paper does not name its tool, so differences of a few tenths of a point are expected. The
-counting is written here (about 100 lines) because no library in the kit's stack tallies languages
-over a streamed dataset; the identification itself is langdetect's.
+Each row's prompt (its user turns, fenced code removed, the first :data:`MAX_CHARS` characters) is
+given to langdetect 1.0.9 (character n-gram profiles of 55 languages), seeded so that the same text
+always gets the same language. A share is the percent of rows *with a detected language* (rows without
+letters are left out), which is how the paper's shares add up to 100. The paper does not name its
+tool; langdetect misreads short texts, confuses close languages (Spanish / Catalan / Portuguese) and
+is pulled around by code and math, so differences of a few tenths of a point are expected.
 """
 
 from __future__ import annotations
@@ -40,16 +21,10 @@ from typing import Any
 
 import pandas as pd
 
-from .contamination import FULL_ROWS, prompt_texts, stream_rows
-from .data import get_spec, mirror_path
+from .data import FULL_ROWS, get_spec, mirror_path, mixture_spec, prompt_texts, scan_prompts, stream_rows
 from .data_checks import RowProblem
 from .paths import mirror_dir
-from .tables import DATA_STAGE, LANGUAGE_METRIC
-
-__all__ = [
-    "DETECTOR", "LANGUAGE_NAMES", "MAX_CHARS", "LanguageCount", "count_languages", "detect_language",
-    "language_distribution", "language_frame", "language_name", "mixture_rows", "prompt_text", "results_rows",
-]  # fmt: skip
+from .results import LANGUAGE_METRIC, data_rows
 
 #: The identifier and its version, recorded with the results.
 DETECTOR = "langdetect 1.0.9"
@@ -100,9 +75,7 @@ def detect_language(text: str) -> str | None:
 
 def language_name(code: str | None) -> str:
     """The English name of a langdetect code (``"zh-tw"`` -> ``"Chinese"``); ``"Undetected"`` for None."""
-    if code is None:
-        return "Undetected"
-    return LANGUAGE_NAMES.get(code, code)
+    return "Undetected" if code is None else LANGUAGE_NAMES.get(code, code)
 
 
 def prompt_text(kind: str, row: Any, max_chars: int = MAX_CHARS) -> str:
@@ -160,34 +133,20 @@ def count_languages(
     total: int | None = None,
     problems: list[RowProblem] | None = None,
 ) -> LanguageCount:
-    """Identify the language of every ``stride``-th row (rows 0, stride, 2 x stride, ...) and count them.
+    """Identify the language of every ``stride``-th row (0, stride, 2 x stride...) and count them.
 
-    A row without a usable user turn is recorded in ``problems`` with its index and reason, skipped
-    and counted; ``None`` rows (lines that were not JSON, already recorded by ``stream_rows``) are
-    skipped and counted.
+    Rows without a usable user turn (recorded in ``problems``) and ``None`` rows (lines that were not JSON)
+    are skipped and counted.
     """
     if stride < 1:
         raise ValueError(f"stride must be at least 1, got {stride}")
     result = LanguageCount(mixture, stride, problems=problems if problems is not None else [])
-    iterator: Iterable[Any] = rows
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(rows, total=total, desc=f"languages {mixture}", unit="row", mininterval=1.0)
     start = time.perf_counter()
-    for index, row in enumerate(iterator):
-        result.n_rows += 1
-        if index % stride:
-            continue
-        if row is None:
-            result.n_skipped += 1
-            continue
-        try:
-            text = prompt_text(kind, row)
-        except ValueError as exc:
-            result.n_skipped += 1
-            result.problems.append(RowProblem(mixture, index, str(exc)))
-            continue
+    scan = scan_prompts(
+        rows, kind, result, stride=stride, desc=f"languages {mixture}", progress=progress, total=total
+    )
+    for _, row, _ in scan:
+        text = prompt_text(kind, row)
         result.n_checked += 1
         code = detect_language(text)
         if code is None:
@@ -218,9 +177,7 @@ def language_distribution(
     progress: bool = True,
 ) -> LanguageCount:
     """Stream one training mixture and count the languages of every ``stride``-th row's prompt."""
-    spec = get_spec(name)
-    if spec.kind not in ("sft", "rlvr", "preference"):
-        raise ValueError(f"{name} is not a training mixture (tulu3_sft, tulu3_preference, rlvr_mixed)")
+    spec = mixture_spec(name)
     problems: list[RowProblem] = []
     rows = stream_rows(spec.name, mirror=mirror, limit=limit, problems=problems)
     return count_languages(
@@ -234,43 +191,25 @@ def language_distribution(
     )
 
 
-def language_frame(results: Iterable[LanguageCount]) -> pd.DataFrame:
-    """The per-language frames of several mixtures, stacked."""
-    frames = [r.frame() for r in results]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-
-
 def results_rows(
     results: Iterable[LanguageCount], *, run_id: str, settings: Mapping[str, Any] | None = None
 ) -> list[dict[str, Any]]:
-    """Rows for :class:`~smoltulu_utils.results.ResultsStore`: one per mixture and language.
-
-    ``stage`` ``"data"``, ``model`` the mixture, ``benchmark`` the language, ``metric``
-    ``"language_percent"``, ``value`` the percent of detected rows, ``n`` the rows in that language;
-    rows read, detected, undetected, the stride and the detector go into ``settings``.
-    ``tables.table10`` (11, 12) reads them.
+    """Results-store rows (:func:`~smoltulu_utils.results.data_rows`) per mixture and language, for
+    ``tables.table10`` (11, 12): value the percent of detected rows, n the rows in that language.
     """
-    out = []
+    rows = []
     for result in results:
-        for row in result.frame().to_dict("records"):
-            out.append(
-                {
-                    "run_id": run_id,
-                    "stage": DATA_STAGE,
-                    "model": result.mixture,
-                    "benchmark": row["language"],
-                    "metric": LANGUAGE_METRIC,
-                    "value": float(row["percent"]),
-                    "n": int(row["rows"]),
-                    "settings": {
-                        **dict(settings or {}),
-                        "rows_scanned": result.n_rows,
-                        "rows_detected": result.n_detected,
-                        "rows_undetected": result.n_undetected,
-                        "rows_skipped": result.n_skipped,
-                        "stride": result.stride,
-                        "detector": DETECTOR,
-                    },
-                }
-            )
-    return out
+        run_settings = {
+            **dict(settings or {}),
+            "rows_scanned": result.n_rows,
+            "rows_detected": result.n_detected,
+            "rows_undetected": result.n_undetected,
+            "rows_skipped": result.n_skipped,
+            "stride": result.stride,
+            "detector": DETECTOR,
+        }
+        values = [
+            (r["language"], r["percent"], r["rows"], run_settings) for r in result.frame().to_dict("records")
+        ]
+        rows += data_rows(run_id, result.mixture, LANGUAGE_METRIC, values)
+    return rows

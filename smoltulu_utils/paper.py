@@ -1,13 +1,9 @@
 """The paper's reported numbers, loaded from the tidy CSVs in ``data/paper``.
 
-Names are kept exactly as the sources print them: the paper's Tables 3, 6 and 9 label IFEval
-"IFEval (Average)", the model card "IFEval (Average prompt/inst)"; Table 9 says
-"Llama-3.2-1B-Instruct", the model card "Llama-1B-Instruct". :func:`canonical_benchmark` and
-:func:`canonical_model` map such variants (and short names like ``gsm8k`` or Hub ids) onto the
-paper's labels, so kit results can be matched to paper rows.
-
-Values come back twice: ``value`` (float) for arithmetic and ``printed`` (the CSV text, e.g.
-``"51.0"`` or ``"76.50"``) for rendering exactly what the paper prints.
+Names are kept as the sources print them (Table 9's "Llama-3.2-1B-Instruct" is the model card's
+"Llama-1B-Instruct"); :func:`canonical_benchmark` and :func:`canonical_model` map such variants, short
+names and Hub ids onto the paper's labels. Values come twice: ``value`` (float) for arithmetic and
+``printed`` (the CSV text, ``"51.0"``) for rendering exactly what the paper prints.
 """
 
 from __future__ import annotations
@@ -52,24 +48,17 @@ HYPERPARAMETER_FILES = {
 #: Training stage -> hyperparameter table number.
 STAGE_TABLES = {"SFT": 2, "DPO": 5, "RM": 7}
 
+#: Squashed names (:func:`_squash`) -> the paper's label: the labels themselves, the card's and short names.
 _SHORT_BENCHMARKS = {
-    "arc": "ARC (Average)",
-    "arcaverage": "ARC (Average)",
-    "bbh": "BBH (3-shot)",
-    "bbh3shot": "BBH (3-shot)",
-    "gsm8k": "GSM8K (5-shot)",
-    "gsm8k5shot": "GSM8K (5-shot)",
-    "hellaswag": "HellaSwag",
-    "ifeval": "IFEval (Average)",
-    "ifevalaverage": "IFEval (Average)",
+    **{re.sub(r"[^a-z0-9]", "", b.lower()): b for b in (*BENCHMARKS, *RM_BENCHMARKS)},
     "ifevalaveragepromptinst": "IFEval (Average)",
+    "arc": "ARC (Average)",
+    "bbh": "BBH (3-shot)",
+    "gsm8k": "GSM8K (5-shot)",
+    "ifeval": "IFEval (Average)",
     "mmlupro": "MMLU-Pro (MCF)",
-    "mmlupromcf": "MMLU-Pro (MCF)",
-    "piqa": "PIQA",
-    "ufb": "UFB",
     "ultrafeedback": "UFB",
 }
-_SHORT_BENCHMARKS.update({re.sub(r"[^a-z0-9]", "", b.lower()): b for b in RM_BENCHMARKS})
 
 #: Other spellings of the paper's model names (model card labels, Hub ids) -> paper label.
 MODEL_ALIASES = {
@@ -175,19 +164,9 @@ def paper_benchmarks(table: int | str) -> tuple[str, ...]:
 def family(name: str) -> str:
     """The model family of a recipe or model label: SmolTulu, Tulu 3, SmolLM2, SmolLM1, Llama, Qwen or Other."""
     low = name.lower()
-    for needle, label in (
-        ("smoltulu", "SmolTulu"),
-        ("tulu 3", "Tulu 3"),
-        ("tulu3", "Tulu 3"),
-        ("tulu-3", "Tulu 3"),
-        ("smollm2", "SmolLM2"),
-        ("smollm1", "SmolLM1"),
-        ("llama", "Llama"),
-        ("qwen", "Qwen"),
-    ):
-        if needle in low:
-            return label
-    return "Other"
+    needles = {"smoltulu": "SmolTulu", "tulu 3": "Tulu 3", "tulu3": "Tulu 3", "tulu-3": "Tulu 3"}
+    needles.update(smollm2="SmolLM2", smollm1="SmolLM1", llama="Llama", qwen="Qwen")
+    return next((label for needle, label in needles.items() if needle in low), "Other")
 
 
 def paper_hyperparameters(stage: int | str | None = None) -> pd.DataFrame:
@@ -278,9 +257,25 @@ def _table_number(text: str) -> int:
     return int(re.sub(r"\D", "", text))
 
 
-def _pick_tables(frame: pd.DataFrame, table: int | None, allowed: tuple[int, ...]) -> pd.DataFrame:
+def _data_rows(
+    raw: pd.DataFrame, table: int | None, allowed: tuple[int, ...], dataset: str, labels: dict, value: str
+) -> pd.DataFrame:
+    """Tidy rows of a data-table CSV: table, mixture, dataset, the ``labels`` columns, value, printed..."""
+    numbers = raw["table"].map(_table_number)
+    frame = pd.DataFrame(
+        {
+            "table": numbers,
+            "mixture": numbers.map(DATA_TABLE_MIXTURES),
+            "dataset": raw[dataset],
+            **labels,
+            "value": raw[value].astype(float),
+            "printed": raw[value],
+            "source": raw["source"],
+            "status": raw["status"],
+        }
+    )
     if table is None:
-        return frame.reset_index(drop=True)
+        return frame
     if table not in allowed:
         raise KeyError(f"no table {table!r} in this file; choose from {list(allowed)}")
     return frame[frame["table"] == table].reset_index(drop=True)
@@ -294,20 +289,8 @@ def paper_contamination(table: int | None = None) -> pd.DataFrame:
     value (float, percent), printed (text), source, status.
     """
     raw = read_paper_csv(CONTAMINATION_FILE)
-    numbers = raw["table"].map(_table_number)
-    frame = pd.DataFrame(
-        {
-            "table": numbers,
-            "mixture": numbers.map(DATA_TABLE_MIXTURES),
-            "dataset": raw["dataset_checked"],
-            "benchmark": raw["benchmark"],
-            "value": raw["contamination_percent"].astype(float),
-            "printed": raw["contamination_percent"],
-            "source": raw["source"],
-            "status": raw["status"],
-        }
-    )
-    return _pick_tables(frame, table, CONTAMINATION_TABLES)
+    labels = {"benchmark": raw["benchmark"]}
+    return _data_rows(raw, table, CONTAMINATION_TABLES, "dataset_checked", labels, "contamination_percent")
 
 
 def paper_languages(table: int | None = None) -> pd.DataFrame:
@@ -318,18 +301,5 @@ def paper_languages(table: int | None = None) -> pd.DataFrame:
     language, value (float, percent), printed (text), source, status.
     """
     raw = read_paper_csv(LANGUAGE_FILE)
-    numbers = raw["table"].map(_table_number)
-    frame = pd.DataFrame(
-        {
-            "table": numbers,
-            "mixture": numbers.map(DATA_TABLE_MIXTURES),
-            "dataset": raw["dataset_stage"],
-            "rank": raw["rank_as_printed"].astype(int),
-            "language": raw["language"],
-            "value": raw["presence_percent"].astype(float),
-            "printed": raw["presence_percent"],
-            "source": raw["source"],
-            "status": raw["status"],
-        }
-    )
-    return _pick_tables(frame, table, LANGUAGE_TABLES)
+    labels = {"rank": raw["rank_as_printed"].astype(int), "language": raw["language"]}
+    return _data_rows(raw, table, LANGUAGE_TABLES, "dataset_stage", labels, "presence_percent")

@@ -1,20 +1,11 @@
 """An append-only store of tidy results: one JSON row per number, in one JSONL file.
 
-Every stage and every evaluation appends rows here; tables and figures read only from here and from
-``data/paper``. A row holds exactly one number::
-
-    {"run_id": "sft_1130_smoke", "stage": "sft", "model": "SmolTulu SFT-1130",
-     "benchmark": "GSM8K (5-shot)", "metric": "em", "value": 12.5, "stderr": 0.9, "n": 1319,
-     "settings": {"lr": 9e-5, "effective_batch": 8, "profile": "smoke"},
-     "created_at": "2025-01-01T12:00:00.000000+00:00"}
-
-Extra keys are allowed (for example ``paper_model``, naming the paper's column a run reproduces).
-
-Writes are atomic: :meth:`ResultsStore.append` copies the file and the new rows to a temporary file
-in the same folder, flushes and fsyncs it, then renames it over the old file, all under an
-``fcntl`` lock on a sidecar ``.lock`` file. A process killed at any instant leaves either the old
-file or the new one, never half a row. Written by hand: no maintained library offers a locked,
-atomic JSONL store of this shape.
+Every stage and evaluation appends rows (built with :func:`make_row`); tables and figures read only
+from here and ``data/paper``. A row: run_id, stage, model, benchmark, metric, value, optional stderr,
+n and settings, created_at, and extra keys such as ``paper_model`` (the paper column it reproduces).
+Appends rewrite the file to a temporary copy and rename it over the old one under an ``fcntl`` lock,
+so a killed process leaves the old file or the new one, never half a row. Written by hand: no
+maintained library offers a locked, atomic JSONL store of this shape.
 """
 
 from __future__ import annotations
@@ -25,7 +16,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -53,6 +44,21 @@ COLUMNS = REQUIRED_FIELDS + OPTIONAL_FIELDS
 DEFAULT_KEY = ("run_id", "stage", "model", "benchmark", "metric")
 
 _TEXT_FIELDS = ("run_id", "stage", "model", "benchmark", "metric")
+
+# The vocabulary every rows builder writes and every reader expects.
+#: ``stage`` values: the training stages, evaluations, and rows that describe training data.
+SFT_STAGE, DPO_STAGE, RM_STAGE, RLVR_STAGE = "sft", "dpo", "rm", "rlvr"
+EVAL_STAGE, DATA_STAGE = "eval", "data"
+#: ``settings`` keys of a training run's hyperparameters (Tables 2, 5, 7 read them).
+LEARNING_RATE, EFFECTIVE_BATCH_SIZE = "learning_rate", "effective_batch_size"
+#: ``metric`` of a contamination row (percent of a benchmark's items found in a mixture).
+CONTAMINATION_METRIC = "contamination_percent"
+#: ``metric`` of a language row (percent of a mixture's rows in a language; ``benchmark`` = language).
+LANGUAGE_METRIC = "language_percent"
+#: ``metric`` of a reward model's pairwise accuracy rows (Table 8).
+ACCURACY_METRIC = "accuracy"
+#: ``benchmark`` of training-curve rows (see :func:`curve_rows`).
+TRAINING_BENCHMARK = "training"
 
 
 class ResultsError(KitError, ValueError):
@@ -83,10 +89,9 @@ def now_iso() -> str:
 
 
 def _describe(index: int, row: Any) -> str:
-    if isinstance(row, Mapping):
-        ids = ", ".join(f"{k}={row[k]!r}" for k in ("run_id", "benchmark", "metric") if k in row)
-        return f"row {index} ({ids})" if ids else f"row {index}"
-    return f"row {index}"
+    keys = ("run_id", "benchmark", "metric") if isinstance(row, Mapping) else ()
+    ids = ", ".join(f"{k}={row[k]!r}" for k in keys if k in row)
+    return f"row {index} ({ids})" if ids else f"row {index}"
 
 
 def _is_number(value: Any) -> bool:
@@ -150,6 +155,71 @@ def validate_row(row: Mapping[str, Any], index: int = 0) -> dict[str, Any]:
     return out
 
 
+def make_row(
+    run_id: str,
+    stage: str,
+    model: str,
+    benchmark: str,
+    metric: str,
+    value: float,
+    *,
+    stderr: float | None = None,
+    n: int | None = None,
+    settings: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One validated store row (``created_at`` filled in); the constructor every rows builder uses."""
+    row = dict(run_id=run_id, stage=stage, model=model, benchmark=benchmark, metric=metric, value=value)
+    optional = {"stderr": stderr, "n": n}
+    row.update({key: v for key, v in optional.items() if v is not None}, settings=dict(settings or {}))
+    return validate_row(row)
+
+
+def data_rows(
+    run_id: str, mixture: str, metric: str, values: Iterable[tuple[str, float, int, Mapping[str, Any]]]
+) -> list[dict[str, Any]]:
+    """Rows of stage :data:`DATA_STAGE` that describe one training mixture (``model`` = the mixture),
+    one per ``(benchmark or language, percent, count, settings)``."""
+    return [
+        make_row(run_id, DATA_STAGE, mixture, label, metric, float(value), n=int(n), settings=settings)
+        for label, value, n, settings in values
+    ]
+
+
+def curve_rows(
+    run_id: str,
+    stage: str,
+    model: str,
+    curves: Mapping[str, Sequence[tuple[int, float]]],
+    settings: Mapping[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """One row per (curve, optimizer step) of training curves such as ``{"train_loss": [(10, 2.3)]}``.
+
+    Rows have benchmark :data:`TRAINING_BENCHMARK` and metric ``f"{curve}@{step}"``, so every step
+    keeps its own key through :func:`latest_rows`; :func:`curves_frame` reads them back. A NaN or
+    infinite point (a diverged run) has no row: the store holds finite numbers only.
+    """
+    return [
+        make_row(run_id, stage, model, TRAINING_BENCHMARK, f"{name}@{int(step)}", value, settings=settings)
+        for name, points in curves.items()
+        for step, value in points
+        if math.isfinite(value)
+    ]
+
+
+def curves_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """The training-curve rows of a results frame as columns run_id, stage, model, curve, step, value."""
+    import pandas as pd
+
+    columns = ["run_id", "stage", "model", "curve", "step", "value"]
+    rows = frame[frame["benchmark"] == TRAINING_BENCHMARK] if len(frame) else frame
+    if not len(rows):
+        return pd.DataFrame(columns=columns)
+    parts = rows["metric"].str.rsplit("@", n=1, expand=True)
+    out = rows.assign(curve=parts[0], step=parts[1].astype(int), value=rows["value"].astype(float))
+    out = out.sort_values(["run_id", "stage", "model", "curve", "step"], kind="stable")
+    return out[columns].reset_index(drop=True)
+
+
 def _matches(row: Mapping[str, Any], key: Mapping[str, Any]) -> bool:
     for field, wanted in key.items():
         if field not in row:
@@ -164,7 +234,7 @@ def _matches(row: Mapping[str, Any], key: Mapping[str, Any]) -> bool:
 
 
 def _lookup(row: Mapping[str, Any], field: str) -> Any:
-    """A field of a row; ``"settings.lr"`` reaches into a nested mapping."""
+    """A field of a row; ``"settings.learning_rate"`` reaches into a nested mapping."""
     if field in row:
         value = row[field]
     else:
@@ -258,9 +328,8 @@ class ResultsStore:
     def rows(self, warn: bool = True, strict: bool = False) -> list[dict[str, Any]]:
         """All whole rows, in file order, as dicts.
 
-        Lines that are not whole rows (a partial write by another tool, a hand edit) are skipped,
-        recorded in :attr:`bad_lines` and reported with a :class:`ResultsWarning` naming the line
-        numbers; with ``strict=True`` they raise :class:`ResultsError` instead.
+        Other lines (a partial write, a hand edit) are skipped, kept in :attr:`bad_lines` and named in a
+        :class:`ResultsWarning`; with ``strict=True`` they raise :class:`ResultsError` instead.
         """
         self.bad_lines = []
         if not self.path.exists():
@@ -299,11 +368,9 @@ class ResultsStore:
         return good
 
     def read(self, expand_settings: bool = False, strict: bool = False) -> pd.DataFrame:
-        """All rows as a DataFrame (schema columns first, then extra keys, in file order).
+        """All rows as a DataFrame (schema columns, then extra keys), ``created_at`` parsed to UTC.
 
-        ``settings`` stays a dict column; ``expand_settings=True`` also adds one ``settings.<key>``
-        column per setting. ``created_at`` is parsed to UTC timestamps. Bad lines are handled as in
-        :meth:`rows`.
+        ``expand_settings=True`` adds a ``settings.<key>`` column per setting; bad lines as in :meth:`rows`.
         """
         import pandas as pd
 
@@ -318,17 +385,14 @@ class ResultsStore:
         return frame
 
     def has(self, **key: Any) -> bool:
-        """True if a row matches every ``field=value`` given (a dict value matches as a subset).
-
-        Example: ``store.has(run_id="sft_1130", benchmark="GSM8K (5-shot)", settings={"lr": 9e-5})``.
-        """
+        """True if a row matches every ``field=value`` given (a dict value matches as a subset)."""
         return any(_matches(row, key) for row in self.rows())
 
     def done_keys(self, *fields: str, **filters: Any) -> set[Any]:
         """The distinct values of ``fields`` over the rows matching ``filters``.
 
-        One field gives a set of values, several give a set of tuples; ``"settings.lr"`` reaches into
-        settings. Default fields: :data:`DEFAULT_KEY`. A sweep skips ``if key in done``.
+        One field gives a set of values, several give a set of tuples; ``"settings.learning_rate"``
+        reaches into settings. Default fields: :data:`DEFAULT_KEY`. A sweep skips ``if key in done``.
         """
         fields = fields or DEFAULT_KEY
         selected = [row for row in self.rows() if _matches(row, filters)]
@@ -337,10 +401,7 @@ class ResultsStore:
         return {tuple(_lookup(row, f) for f in fields) for row in selected}
 
     def latest(self, *key: str, **filters: Any) -> pd.DataFrame:
-        """The most recent row per key (default :data:`DEFAULT_KEY`) among rows matching ``filters``.
-
-        "Most recent" is the largest ``created_at``; equal times go to the row written last.
-        """
+        """The newest row (largest ``created_at``, then last written) per key among rows matching ``filters``."""
         frame = self.read()
         if filters and len(frame):
             records = frame.to_dict("records")
@@ -348,10 +409,7 @@ class ResultsStore:
         return latest_rows(frame, key or DEFAULT_KEY)
 
     def repair(self) -> Path | None:
-        """Move lines that are not whole rows to ``<file>.rejected`` (appended), keep the good rows.
-
-        Returns the path of the rejected-lines file, or None when there was nothing to move.
-        """
+        """Move the lines that are not whole rows to ``<file>.rejected`` (returned; None if there were none)."""
         with self._locked():
             good = self.rows(warn=False)
             if not self.bad_lines:
@@ -369,10 +427,7 @@ class ResultsStore:
 
 
 def latest_rows(frame: pd.DataFrame, key: Iterable[str] = DEFAULT_KEY) -> pd.DataFrame:
-    """Keep the newest row (largest ``created_at``, then last in order) per ``key`` of a results frame.
-
-    Rows without a ``created_at`` count as the oldest.
-    """
+    """The newest row (largest ``created_at``, then last in order; none counts as oldest) per ``key``."""
     key = [k for k in key if k in frame.columns]
     if frame.empty:
         return frame.copy()
@@ -381,3 +436,93 @@ def latest_rows(frame: pd.DataFrame, key: Iterable[str] = DEFAULT_KEY) -> pd.Dat
         ordered = ordered.sort_values(["created_at", "_order"], kind="stable", na_position="first")
     kept = ordered.drop_duplicates(subset=key, keep="last") if key else ordered.tail(1)
     return kept.sort_values("_order").drop(columns="_order").reset_index(drop=True)
+
+
+# --- the rows of a learning-rate x batch-size sweep (written by smoltulu_utils.sweep) ----------------
+
+#: ``benchmark`` of the row written last for a finished sweep cell (its value: the number of metric rows).
+CELL_COMPLETE = "cell_complete"
+#: ``benchmark`` of the row recording a sweep cell that raised (value 1; the error is in its settings).
+CELL_FAILED = "cell_failed"
+#: Columns of :func:`sweep_frame`.
+FRAME_COLUMNS = (
+    "run_id",
+    "sweep",
+    "profile",
+    "model",
+    "seed",
+    "metric",
+    "score_metric",
+    "value",
+    "stderr",
+    "n",
+    "lr",
+    "bs",
+    "ratio",
+    "steps",
+    "tokens_seen",
+    "wall_seconds",
+    "train_loss",
+    "eval_loss",
+    "created_at",
+)
+
+
+def lower_is_better(metric: str) -> bool:
+    """True for losses and perplexities (``eval_loss``, ``train_loss``), where a smaller value is better."""
+    low = metric.lower()
+    return "loss" in low or "perplexity" in low
+
+
+def sweep_frame(
+    store: ResultsStore | str | Path | None = None,
+    stage: str = SFT_STAGE,
+    *,
+    sweep: str | None = None,
+    profile: str | None = None,
+) -> pd.DataFrame:
+    """A sweep's scores from the results store: one row per cell x metric, columns :data:`FRAME_COLUMNS`.
+
+    ``metric`` is the row's benchmark label (``eval_loss``, ``ARC (Average)``), ``score_metric`` its
+    metric field, ``bs`` the effective batch size, ``ratio`` LR / BS. Only rows with a ``sweep``
+    setting count; bookkeeping rows are left out; a cell written twice keeps its newest rows.
+    """
+    import pandas as pd
+
+    if not isinstance(store, ResultsStore):
+        store = ResultsStore(store)
+    setting = {"lr": LEARNING_RATE, "bs": EFFECTIVE_BATCH_SIZE}  # the settings key of a column
+    records = []
+    for row in store.rows():
+        settings = row.get("settings") or {}
+        bookkeeping = row["benchmark"] in (CELL_COMPLETE, CELL_FAILED)
+        if row["stage"] != stage or "sweep" not in settings or bookkeeping:
+            continue
+        if (sweep is not None and settings["sweep"] != sweep) or (
+            profile is not None and settings.get("profile") != profile
+        ):
+            continue
+        record = {column: settings.get(setting.get(column, column)) for column in FRAME_COLUMNS}
+        record.update(
+            run_id=row["run_id"],
+            model=row["model"],
+            metric=row["benchmark"],
+            score_metric=row["metric"],
+            value=float(row["value"]),
+            stderr=row.get("stderr"),
+            n=row.get("n"),
+            created_at=row.get("created_at"),
+        )
+        records.append(record)
+    frame = pd.DataFrame.from_records(records, columns=list(FRAME_COLUMNS))
+    if frame.empty:
+        return frame
+    key = ["run_id", "sweep", "profile", "model", "metric"]
+    frame = frame.drop_duplicates(subset=key, keep="last").reset_index(drop=True)
+    for column in ("lr", "ratio", "value", "train_loss", "eval_loss", "wall_seconds"):
+        frame[column] = pd.to_numeric(frame[column], errors="coerce")
+    frame["bs"] = pd.to_numeric(frame["bs"], errors="coerce").astype("Int64")
+    missing = frame["ratio"].isna() & frame["lr"].notna() & frame["bs"].notna()
+    frame.loc[missing, "ratio"] = frame.loc[missing, "lr"] / frame.loc[missing, "bs"].astype(float)
+    frame["created_at"] = pd.to_datetime(frame["created_at"], utc=True, format="ISO8601")
+    return frame

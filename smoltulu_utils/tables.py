@@ -1,18 +1,10 @@
-"""The paper's Tables 2, 3, 5, 6, 7, 8 and 9, rebuilt from ``data/paper`` and, beside them, the kit's numbers.
+"""The paper's tables rebuilt from ``data/paper`` and, beside them, the kit's numbers from results rows.
 
-- Tables 2, 5, 7 (hyperparameters): one row per recipe with learning rate, effective batch size and
-  the LR/BS ratio exactly as printed, the ratio's scale in the header (``x1e6`` or ``x1e7``).
-- Tables 3, 6, 9 (benchmarks) and 8 (reward models): one row per benchmark, one column per model, in
-  the paper's order. Given kit results, a model with kit numbers gets three columns:
-  ``"<model> (paper)"``, ``"<model> (kit)"`` and ``"<model> Δ"`` (kit minus paper).
-
-Every ``tableN`` returns a DataFrame whose ``attrs`` carry the rendering details (decimals as printed,
-which columns to bold, notes); :func:`to_markdown`, :func:`to_latex` and :func:`save_table` use them
-so the rendered numbers are the paper's digits, never float noise.
-
-The data tables (1, 4, 13: benchmark contamination; 10, 11, 12: languages of the mixtures) are built
-at the end of this module from ``data/paper`` and the kit rows of ``contamination`` and ``languages``
-(stage ``data``), with the same ``(paper)`` / ``(kit)`` / ``Δ`` columns.
+Hyperparameter tables (2, 5, 7) get one row per kit run; results tables (3, 6, 8, 9) and data tables
+(1, 4, 13: contamination; 10, 11, 12: languages) get ``"<column> (paper)"``, ``"(kit)"`` and ``"Δ"``
+(kit minus paper) columns where kit numbers exist. Each table's ``attrs`` carry its rendering (decimals
+as printed, bold and delta columns, notes), so :func:`to_markdown`, :func:`to_latex` and
+:func:`save_table` print the paper's digits, never float noise.
 """
 
 from __future__ import annotations
@@ -26,35 +18,55 @@ from typing import Any
 import pandas as pd
 
 from .paper import (
+    CONTAMINATION_TABLES,
+    DATA_TABLE_MIXTURES,
     canonical_benchmark,
     canonical_model,
     format_lr,
     paper_benchmarks,
+    paper_contamination,
     paper_hyperparameters,
+    paper_languages,
     paper_models,
     paper_results,
     table_caption,
 )
 from .paths import results_dir
-from .results import ResultsStore, latest_rows
+from .results import (
+    CONTAMINATION_METRIC,
+    DPO_STAGE,
+    EFFECTIVE_BATCH_SIZE,
+    LANGUAGE_METRIC,
+    LEARNING_RATE,
+    RM_STAGE,
+    SFT_STAGE,
+    ResultsStore,
+    latest_rows,
+)
 
 #: Output names (without extension) of the rendered tables, paper-numbered.
 TABLE_NAMES = {
+    1: "table01_sft_contamination",
     2: "table02_sft_hyperparameters",
     3: "table03_sft_results",
+    4: "table04_preference_contamination",
     5: "table05_dpo_hyperparameters",
     6: "table06_dpo_results",
     7: "table07_rm_hyperparameters",
     8: "table08_rm_results",
     9: "table09_benchmarks",
+    10: "table10_sft_languages",
+    11: "table11_preference_languages",
+    12: "table12_rlvr_languages",
+    13: "table13_rlvr_contamination",
 }
-#: Stage names in results rows that feed each hyperparameter table.
-_STAGE_ALIASES = {2: {"sft"}, 5: {"dpo"}, 7: {"rm", "reward", "reward_model"}}
-_LR_KEYS = ("lr", "learning_rate")
-_BS_KEYS = ("effective_batch", "effective_batch_size", "batch_size", "bs")
+#: The stage of the results rows that feed each hyperparameter table.
+_HYPER_STAGES = {2: SFT_STAGE, 5: DPO_STAGE, 7: RM_STAGE}
 _NAME_RE = re.compile(r"^[a-z0-9]+(?:_[a-z0-9]+)*$")
 
 KitLike = pd.DataFrame | ResultsStore | Iterable[Mapping[str, Any]] | None
+#: The metric a results table takes from the kit rows: one name, or benchmark -> name.
+Metric = str | Mapping[str, str] | None
 
 
 def validate_name(name: str) -> str:
@@ -67,7 +79,7 @@ def validate_name(name: str) -> str:
     return name
 
 
-def kit_frame(kit: KitLike) -> pd.DataFrame | None:
+def _kit_frame(kit: KitLike) -> pd.DataFrame | None:
     """Results rows as a DataFrame from a :class:`ResultsStore`, a DataFrame or a list of row dicts."""
     if kit is None:
         return None
@@ -78,15 +90,32 @@ def kit_frame(kit: KitLike) -> pd.DataFrame | None:
     return pd.DataFrame.from_records(list(kit))
 
 
+def _newest(frame: pd.DataFrame) -> pd.DataFrame:
+    """The newest row per model, benchmark and metric (``created_at`` parsed whatever its ISO format)."""
+    if "created_at" in frame.columns:
+        times = pd.to_datetime(frame["created_at"], utc=True, format="ISO8601", errors="coerce")
+        frame = frame.assign(created_at=times)
+    return latest_rows(frame, ("model", "benchmark", "metric"))
+
+
+def _with_attrs(
+    table: pd.DataFrame,
+    number: int | str,
+    caption: str,
+    decimals: int | None,
+    notes: list[str],
+    *,
+    bold: Iterable[str] = (),
+    deltas: Iterable[str] = (),
+    kit: Iterable[str] = (),
+) -> pd.DataFrame:
+    """``table`` with the rendering details that :func:`to_markdown` and :func:`to_latex` read."""
+    table.attrs.update(table=number, caption=caption, decimals=decimals, bold_columns=list(bold))
+    table.attrs.update(delta_columns=list(deltas), kit_columns=list(kit), notes=notes)
+    return table
+
+
 # --- hyperparameter tables -------------------------------------------------------------------
-
-
-def _setting(settings: Any, keys: tuple[str, ...]) -> Any:
-    if isinstance(settings, Mapping):
-        for key in keys:
-            if settings.get(key) is not None:
-                return settings[key]
-    return None
 
 
 def _kit_recipes(kit: pd.DataFrame | None, number: int, scale: float, ratio_col: str) -> pd.DataFrame:
@@ -95,10 +124,10 @@ def _kit_recipes(kit: pd.DataFrame | None, number: int, scale: float, ratio_col:
         return pd.DataFrame(columns=columns)
     rows: dict[str, list[Any]] = {}
     for record in kit.to_dict("records"):
-        if str(record.get("stage", "")).lower() not in _STAGE_ALIASES[number]:
-            continue
         settings = record.get("settings")
-        lr, bs = _setting(settings, _LR_KEYS), _setting(settings, _BS_KEYS)
+        if record.get("stage") != _HYPER_STAGES[number] or not isinstance(settings, Mapping):
+            continue
+        lr, bs = settings.get(LEARNING_RATE), settings.get(EFFECTIVE_BATCH_SIZE)
         if lr is None or bs is None:
             continue
         # one row per run: a sweep's runs share a model and differ in run_id
@@ -109,8 +138,7 @@ def _kit_recipes(kit: pd.DataFrame | None, number: int, scale: float, ratio_col:
 
 def _hyperparameter_table(number: int, kit: KitLike) -> pd.DataFrame:
     hyper = paper_hyperparameters(number)
-    scale_text = hyper["ratio_scale"].iloc[0]
-    ratio_col = f"LR/BS ratio ({scale_text})"
+    ratio_col = f"LR/BS ratio ({hyper['ratio_scale'].iloc[0]})"
     table = pd.DataFrame(
         {
             "Model size": hyper["model_size"].to_numpy(),
@@ -120,27 +148,18 @@ def _hyperparameter_table(number: int, kit: KitLike) -> pd.DataFrame:
         },
         index=pd.Index(hyper["label"], name="Recipe"),
     )
-    extra = _kit_recipes(kit_frame(kit), number, float(hyper["scale"].iloc[0]), ratio_col)
+    extra = _kit_recipes(_kit_frame(kit), number, float(hyper["scale"].iloc[0]), ratio_col)
     if not extra.empty:
         table = pd.concat([table, extra])
         table.index.name = "Recipe"
     notes = [f"{row.label}: {row.note}." for row in hyper.itertuples() if row.note]
     if number == 7:
         notes.append("Table 7 compares the RM ratios with Tulu 3's DPO recipe, not Tulu 3's RM recipe.")
-    table.attrs.update(
-        table=number,
-        caption=table_caption(number),
-        decimals=None,
-        bold_columns=[],
-        delta_columns=[],
-        kit_columns=[],
-        notes=notes,
-    )
-    return table
+    return _with_attrs(table, number, table_caption(number), None, notes)
 
 
 def table2(kit: KitLike = None) -> pd.DataFrame:
-    """Table 2, SFT hyperparameters; kit SFT runs (rows with settings lr and effective batch) are added below."""
+    """Table 2, SFT hyperparameters; kit SFT runs (settings learning_rate, effective_batch_size) are added below."""
     return _hyperparameter_table(2, kit)
 
 
@@ -157,35 +176,28 @@ def table7(kit: KitLike = None) -> pd.DataFrame:
 # --- results tables --------------------------------------------------------------------------
 
 
-def _kit_values(
-    kit: pd.DataFrame | None, benchmarks: tuple[str, ...], metric: str | Mapping[str, str] | None
-) -> pd.DataFrame:
+def _kit_values(kit: pd.DataFrame | None, benchmarks: tuple[str, ...], metric: Metric) -> pd.DataFrame:
     """Kit values as a benchmark x model frame, matched to the table's benchmark labels."""
     empty = pd.DataFrame(index=pd.Index(benchmarks))
     if kit is None or kit.empty:
         return empty
     by_key = {canonical_benchmark(b): b for b in benchmarks}
     frame = kit.copy()
-    if "created_at" in frame.columns:
-        frame["created_at"] = pd.to_datetime(frame["created_at"], utc=True, format="ISO8601", errors="coerce")
     model = frame["model"]
     if "paper_model" in frame.columns:
         model = frame["paper_model"].where(frame["paper_model"].notna() & (frame["paper_model"] != ""), model)
     frame["model"] = model.astype(str).map(canonical_model)
     frame["benchmark"] = frame["benchmark"].astype(str).map(lambda b: by_key.get(canonical_benchmark(b)))
     frame = frame[frame["benchmark"].notna()]
-    if metric is not None:
-        if isinstance(metric, Mapping):
-            wanted = {by_key.get(canonical_benchmark(k), k): v for k, v in metric.items()}
-            keep = [
-                wanted.get(b) in (None, m) for b, m in zip(frame["benchmark"], frame["metric"], strict=True)
-            ]
-            frame = frame[keep]
-        else:
-            frame = frame[frame["metric"] == metric]
+    if isinstance(metric, Mapping):
+        wanted = {by_key.get(canonical_benchmark(k), k): v for k, v in metric.items()}
+        keep = [wanted.get(b) in (None, m) for b, m in zip(frame["benchmark"], frame["metric"], strict=True)]
+        frame = frame[keep]
+    elif metric is not None:
+        frame = frame[frame["metric"] == metric]
     if frame.empty:
         return empty
-    frame = latest_rows(frame, ("model", "benchmark", "metric"))
+    frame = _newest(frame)
     counts = frame.groupby(["model", "benchmark"])["metric"].nunique()
     clash = counts[counts > 1]
     if len(clash):
@@ -200,11 +212,7 @@ def _kit_values(
 
 
 def results_table(
-    number: int | str,
-    kit: KitLike = None,
-    *,
-    metric: str | Mapping[str, str] | None = None,
-    include_unmatched: bool = False,
+    number: int | str, kit: KitLike = None, *, metric: Metric = None, include_unmatched: bool = False
 ) -> pd.DataFrame:
     """Any results table of ``data/paper`` (3, 6, 8, 9, ``"model_card"``, ``"rm_card"``) with kit numbers; see :func:`table3`."""
     paper = paper_results(number)
@@ -213,7 +221,7 @@ def results_table(
     wide = paper.pivot(index="benchmark", columns="model", values="value").reindex(
         index=list(benchmarks), columns=list(models)
     )
-    kit_wide = _kit_values(kit_frame(kit), benchmarks, metric)
+    kit_wide = _kit_values(_kit_frame(kit), benchmarks, metric)
     columns: dict[str, pd.Series] = {}
     bold, deltas, kit_cols = [], [], []
     for model in models:
@@ -234,24 +242,12 @@ def results_table(
                 columns[f"{model} (kit)"] = kit_wide[model]
                 kit_cols.append(f"{model} (kit)")
     table = pd.DataFrame(columns, index=pd.Index(list(benchmarks), name="Benchmark"))
-    notes = []
-    if kit_cols:
-        notes.append("(paper): as printed in the paper; (kit): this kit's run; Δ = kit − paper.")
-    table.attrs.update(
-        table=number,
-        caption=table_caption(number),
-        decimals=decimals,
-        bold_columns=bold,
-        delta_columns=deltas,
-        kit_columns=kit_cols,
-        notes=notes,
-    )
-    return table
+    notes = ["(paper): as printed in the paper; (kit): this kit's run; Δ = kit − paper."] if kit_cols else []
+    caption = table_caption(number)
+    return _with_attrs(table, number, caption, decimals, notes, bold=bold, deltas=deltas, kit=kit_cols)
 
 
-def table3(
-    kit: KitLike = None, *, metric: str | Mapping[str, str] | None = None, include_unmatched: bool = False
-) -> pd.DataFrame:
+def table3(kit: KitLike = None, *, metric: Metric = None, include_unmatched: bool = False) -> pd.DataFrame:
     """Table 3, SFT models on the seven benchmarks; kit numbers beside the paper's with Δ.
 
     Kit rows match a paper column by ``paper_model`` (if present) or ``model`` (aliases such as Hub ids
@@ -263,35 +259,19 @@ def table3(
     return results_table(3, kit, metric=metric, include_unmatched=include_unmatched)
 
 
-def table6(
-    kit: KitLike = None, *, metric: str | Mapping[str, str] | None = None, include_unmatched: bool = False
-) -> pd.DataFrame:
+def table6(kit: KitLike = None, *, metric: Metric = None, include_unmatched: bool = False) -> pd.DataFrame:
     """Table 6, DPO models on the seven benchmarks; kit numbers as in :func:`table3`."""
     return results_table(6, kit, metric=metric, include_unmatched=include_unmatched)
 
 
-def table8(
-    kit: KitLike = None, *, metric: str | Mapping[str, str] | None = None, include_unmatched: bool = False
-) -> pd.DataFrame:
+def table8(kit: KitLike = None, *, metric: Metric = None, include_unmatched: bool = False) -> pd.DataFrame:
     """Table 8, reward models on RewardBench subsets and UltraFeedback test_prefs; kit numbers as in :func:`table3`."""
     return results_table(8, kit, metric=metric, include_unmatched=include_unmatched)
 
 
-def table9(
-    kit: KitLike = None, *, metric: str | Mapping[str, str] | None = None, include_unmatched: bool = False
-) -> pd.DataFrame:
+def table9(kit: KitLike = None, *, metric: Metric = None, include_unmatched: bool = False) -> pd.DataFrame:
     """Table 9, the wider comparison (SmolTulu SFT/DPO, SmolLM2, Llama 3.2, Qwen2.5); kit numbers as in :func:`table3`."""
     return results_table(9, kit, metric=metric, include_unmatched=include_unmatched)
-
-
-_BUILDERS = {2: table2, 3: table3, 5: table5, 6: table6, 7: table7, 8: table8, 9: table9}
-
-
-def build_table(number: int, kit: KitLike = None) -> pd.DataFrame:
-    """Table ``number`` (2, 3, 5, 6, 7, 8 or 9), with kit numbers where given."""
-    if number not in _BUILDERS:
-        raise KeyError(f"no table {number}; choose from {sorted(_BUILDERS)}")
-    return _BUILDERS[number](kit)
 
 
 # --- rendering -------------------------------------------------------------------------------
@@ -315,10 +295,8 @@ def _cells(df: pd.DataFrame, missing: str) -> tuple[list[list[str]], list[list[b
     bold_cols = [c for c in attrs.get("bold_columns", []) if c in df.columns]
     texts, bolds = [], []
     for _, row in df.iterrows():
-        best = None
         numbers = [row[c] for c in bold_cols if isinstance(row[c], (int, float)) and not pd.isna(row[c])]
-        if numbers:
-            best = max(numbers)
+        best = max(numbers) if numbers else None
         line, flags = [], []
         for col in df.columns:
             value = row[col]
@@ -350,18 +328,8 @@ def to_markdown(df: pd.DataFrame, bold: bool = True) -> str:
     return text + ("\n\n" + "\n".join(f"Note: {n}" for n in notes) if notes else "") + "\n"
 
 
-_LATEX_SPECIALS = {
-    "\\": r"\textbackslash{}",
-    "&": r"\&",
-    "%": r"\%",
-    "$": r"\$",
-    "#": r"\#",
-    "_": r"\_",
-    "{": r"\{",
-    "}": r"\}",
-    "~": r"\textasciitilde{}",
-    "^": r"\textasciicircum{}",
-}
+_LATEX_SPECIALS = {c: "\\" + c for c in "&%$#_{}"}
+_LATEX_SPECIALS.update({"\\": r"\textbackslash{}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"})
 
 
 def _latex_escape(text: str) -> str:
@@ -422,245 +390,138 @@ def save_table(df: pd.DataFrame, name: str, directory: str | Path | None = None)
 
 
 def save_all_tables(kit: KitLike = None, directory: str | Path | None = None) -> dict[int, list[Path]]:
-    """Build and save every table (2, 3, 5, 6, 7, 8, 9) under its :data:`TABLE_NAMES` name."""
-    frame = kit_frame(kit)
+    """Build and save every table under its :data:`TABLE_NAMES` name."""
+    frame = _kit_frame(kit)
     return {n: save_table(build_table(n, frame), TABLE_NAMES[n], directory) for n in sorted(_BUILDERS)}
 
 
-__all__ = [
-    "TABLE_NAMES",
-    "build_table",
-    "kit_frame",
-    "results_table",
-    "save_all_tables",
-    "save_table",
-    "table2",
-    "table3",
-    "table5",
-    "table6",
-    "table7",
-    "table8",
-    "table9",
-    "to_latex",
-    "to_markdown",
-    "validate_name",
-]
-
-
 # --- the data tables: contamination (Tables 1, 4, 13) and languages (Tables 10, 11, 12) ---------
-# The kit's numbers for them are results rows with stage DATA_STAGE, model = the mixture (kit dataset
-# name), benchmark = the benchmark's Hub id or the language, metric CONTAMINATION_METRIC or
-# LANGUAGE_METRIC; smoltulu_utils.contamination and smoltulu_utils.languages write them.
+# Their kit rows (written by contamination.results_rows and languages.results_rows) have stage
+# DATA_STAGE, model = the mixture, benchmark = the benchmark's Hub id or the language.
 
-#: ``stage`` of the results rows that describe training data rather than a model.
-DATA_STAGE = "data"
-#: ``metric`` of a contamination row (percent of a benchmark's items found in a mixture).
-CONTAMINATION_METRIC = "contamination_percent"
-#: ``metric`` of a language row (percent of a mixture's rows in a language; ``benchmark`` = language).
-LANGUAGE_METRIC = "language_percent"
-_CONTAMINATION_COLUMN = "Contamination %"
-_LANGUAGE_COLUMN = "Presence %"
+_CONTAMINATION_NOTE = (
+    "percent of a benchmark's items of which one user turn among {rows} rows covers more than "
+    "{threshold} of the words with {ngram}-gram matches (Tulu 3's rule)"
+)
+_LANGUAGE_NOTE = (
+    "share of {detected} rows with a detected language (of {rows} read) whose prompt the "
+    "language identifier{detector} assigns to the language"
+)
 
 
 def _kit_data_rows(kit: KitLike, mixture: str, metric: str) -> pd.DataFrame:
     """The newest kit row per benchmark (or language) of one mixture and metric."""
-    frame = kit_frame(kit)
+    frame = _kit_frame(kit)
     needed = {"model", "benchmark", "metric", "value"}
     if frame is None or frame.empty or not needed <= set(frame.columns):
         return pd.DataFrame(columns=["benchmark", "value", "n", "settings"])
-    frame = frame[(frame["metric"] == metric) & (frame["model"].astype(str) == mixture)].copy()
-    if "created_at" in frame.columns:
-        frame["created_at"] = pd.to_datetime(frame["created_at"], utc=True, format="ISO8601", errors="coerce")
-    frame = latest_rows(frame, ("model", "benchmark", "metric"))
+    frame = _newest(frame[(frame["metric"] == metric) & (frame["model"].astype(str) == mixture)])
     for column in ("n", "settings"):
         if column not in frame.columns:
             frame[column] = None
     return frame[["benchmark", "value", "n", "settings"]].reset_index(drop=True)
 
 
-def _data_table(
-    number: int,
-    kit: KitLike,
-    *,
-    paper: pd.DataFrame,
-    key: str,
-    base: str,
-    metric: str,
-    caption: str,
-    kit_note: str,
-    count_column: str | None,
-) -> pd.DataFrame:
-    from .paper import DATA_TABLE_MIXTURES
+def _note_values(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The numbers a data table's note quotes from the kit rows' settings (words where one is missing)."""
 
-    mixture = DATA_TABLE_MIXTURES[number]
+    def given(key: str, text: Any, default: str) -> str:
+        return text(settings[key]) if settings.get(key) is not None else default
+
+    return {
+        "ngram": given("ngram", str, "n"),
+        "threshold": given("threshold", lambda t: f"{float(t):.0%}", "a threshold"),
+        "rows": given("rows_scanned", lambda n: f"{int(n):,}", "the"),
+        "detected": given("rows_detected", lambda n: f"{int(n):,}", "the"),
+        "detector": f" ({settings['detector']})" if settings.get("detector") else "",
+    }
+
+
+def _data_table(number: int, kit: KitLike) -> pd.DataFrame:
+    """A contamination or language table, with the kit rows of its mixture beside the paper's."""
+    languages = number not in CONTAMINATION_TABLES
+    if languages:
+        paper, key, base, metric = paper_languages(number), "language", "Presence %", LANGUAGE_METRIC
+        caption = f"Table {number}: language distribution of the {paper['dataset'].iloc[0]}"
+    else:
+        paper, key, base = paper_contamination(number), "benchmark", "Contamination %"
+        metric = CONTAMINATION_METRIC
+        caption = f"Table {number}: benchmark contamination of {paper['dataset'].iloc[0]}"
     labels = list(paper[key])
     paper_values = pd.Series(paper["value"].to_numpy(dtype=float), index=labels)
-    found = _kit_data_rows(kit, mixture, metric)
+    found = _kit_data_rows(kit, DATA_TABLE_MIXTURES[number], metric)
     if found.empty:
         table = pd.DataFrame({base: paper_values}, index=pd.Index(labels, name=key.capitalize()))
         kit_cols, deltas, notes = [], [], []
     else:
         found = found.set_index("benchmark")
         extra = [b for b in found.index if b not in paper_values.index]
-        if key == "language":  # languages the paper does not list: largest share first
+        if languages:  # languages the paper does not list: largest share first
             extra = sorted(extra, key=lambda b: -float(found.loc[b, "value"]))
         index = labels + extra
         kit_values = found["value"].astype(float).reindex(index)
-        if key == "language":  # the kit read the mixture: a listed language it never saw has 0 rows
+        if languages:  # the kit read the mixture: a listed language it never saw has 0 rows
             kit_values = kit_values.fillna(0.0)
         paper_col = paper_values.reindex(index)
         columns = {f"{base} (paper)": paper_col, f"{base} (kit)": kit_values}
         columns[f"{base} Δ"] = (kit_values - paper_col).round(2)
-        if count_column:
-            counts = found["n"].reindex(index)
-            columns[count_column] = pd.Series(
-                [int(c) if c is not None and not pd.isna(c) else None for c in counts],
-                index=index,
-                dtype=object,
-            )
+        if not languages:
+            counts = [int(c) if c is not None and not pd.isna(c) else None for c in found["n"].reindex(index)]
+            columns["Items (kit)"] = pd.Series(counts, index=index, dtype=object)
         table = pd.DataFrame(columns, index=pd.Index(index, name=key.capitalize()))
         kit_cols, deltas = [f"{base} (kit)"], [f"{base} Δ"]
         settings = next((s for s in found["settings"] if isinstance(s, Mapping)), {})
+        note = (_LANGUAGE_NOTE if languages else _CONTAMINATION_NOTE).format(**_note_values(settings))
         notes = [
-            "(paper): as printed in the paper; (kit): " + kit_note.format(**_note_values(settings, found))
-            + "; Δ = kit − paper; –: not measured on that side."
-        ]  # fmt: skip
-    table.attrs.update(
-        table=number,
-        caption=caption,
-        decimals=2,
-        bold_columns=[],
-        delta_columns=deltas,
-        kit_columns=kit_cols,
-        notes=notes,
-    )
-    return table
-
-
-def _note_values(settings: Mapping[str, Any], found: pd.DataFrame) -> dict[str, Any]:
-    values = {"ngram": "n", "threshold": "a threshold", "rows": "the", "detected": "the", "detector": ""}
-    if settings.get("ngram") is not None:
-        values["ngram"] = settings["ngram"]
-    if settings.get("threshold") is not None:
-        values["threshold"] = f"{float(settings['threshold']):.0%}"
-    if settings.get("rows_scanned") is not None:
-        values["rows"] = f"{int(settings['rows_scanned']):,}"
-    if settings.get("rows_detected") is not None:
-        values["detected"] = f"{int(settings['rows_detected']):,}"
-    if settings.get("detector"):
-        values["detector"] = f" ({settings['detector']})"
-    return values
-
-
-def _contamination_table(number: int, kit: KitLike) -> pd.DataFrame:
-    from .paper import paper_contamination
-
-    paper = paper_contamination(number)
-    return _data_table(
-        number,
-        kit,
-        paper=paper,
-        key="benchmark",
-        base=_CONTAMINATION_COLUMN,
-        metric=CONTAMINATION_METRIC,
-        caption=f"Table {number}: benchmark contamination of {paper['dataset'].iloc[0]}",
-        kit_note=(
-            "percent of a benchmark's items of which one user turn among {rows} rows covers more than "
-            "{threshold} of the words with {ngram}-gram matches (Tulu 3's rule)"
-        ),
-        count_column="Items (kit)",
-    )
-
-
-def _language_table(number: int, kit: KitLike) -> pd.DataFrame:
-    from .paper import paper_languages
-
-    paper = paper_languages(number)
-    return _data_table(
-        number,
-        kit,
-        paper=paper,
-        key="language",
-        base=_LANGUAGE_COLUMN,
-        metric=LANGUAGE_METRIC,
-        caption=f"Table {number}: language distribution of the {paper['dataset'].iloc[0]}",
-        kit_note=(
-            "share of {detected} rows with a detected language (of {rows} read) whose prompt the "
-            "language identifier{detector} assigns to the language"
-        ),
-        count_column=None,
-    )
+            f"(paper): as printed in the paper; (kit): {note}; Δ = kit − paper; –: not measured on that side."
+        ]
+    return _with_attrs(table, number, caption, 2, notes, deltas=deltas, kit=kit_cols)
 
 
 def table1(kit: KitLike = None) -> pd.DataFrame:
-    """Table 1, contamination of the SFT mixture: percent of each benchmark's items found in it.
+    """Table 1, contamination of the SFT mixture, in the paper's order then the kit's other benchmarks.
 
-    Rows in the paper's order (benchmark Hub ids), then the kit's other benchmarks. Given kit rows
-    (stage ``data``, metric ``contamination_percent``, model ``tulu3_sft``; written by
-    :func:`smoltulu_utils.contamination.results_rows`): ``Contamination % (paper)``, ``(kit)``, ``Δ``
-    and ``Items (kit)``, the number of items the kit checked.
+    Kit rows of ``tulu3_sft`` (:func:`smoltulu_utils.contamination.results_rows`) add ``(kit)``, ``Δ``
+    and ``Items (kit)`` (the items checked) beside ``Contamination % (paper)``.
     """
-    return _contamination_table(1, kit)
+    return _data_table(1, kit)
 
 
 def table4(kit: KitLike = None) -> pd.DataFrame:
     """Table 4, contamination of the preference mixture (DPO / RM); kit rows of ``tulu3_preference`` as in :func:`table1`."""
-    return _contamination_table(4, kit)
+    return _data_table(4, kit)
 
 
 def table13(kit: KitLike = None) -> pd.DataFrame:
     """Table 13, contamination of the RLVR mixture; kit rows of ``rlvr_mixed`` as in :func:`table1`."""
-    return _contamination_table(13, kit)
+    return _data_table(13, kit)
 
 
 def table10(kit: KitLike = None) -> pd.DataFrame:
-    """Table 10, languages of the SFT mixture in percent, in the order printed.
-
-    Given kit rows (stage ``data``, metric ``language_percent``, model ``tulu3_sft``, benchmark = the
-    language; written by :func:`smoltulu_utils.languages.results_rows`): ``Presence % (paper)``,
-    ``(kit)`` and ``Δ``; languages only the kit found follow, largest first.
+    """Table 10, languages of the SFT mixture in percent, in the order printed; kit rows of ``tulu3_sft``
+    (:func:`smoltulu_utils.languages.results_rows`) add ``(kit)`` and ``Δ``, and the kit's other languages.
     """
-    return _language_table(10, kit)
+    return _data_table(10, kit)
 
 
 def table11(kit: KitLike = None) -> pd.DataFrame:
     """Table 11, languages of the preference mixture (DPO / RM); kit rows of ``tulu3_preference`` as in :func:`table10`."""
-    return _language_table(11, kit)
+    return _data_table(11, kit)
 
 
 def table12(kit: KitLike = None) -> pd.DataFrame:
     """Table 12, languages of the RLVR mixture; kit rows of ``rlvr_mixed`` as in :func:`table10`."""
-    return _language_table(12, kit)
+    return _data_table(12, kit)
 
 
-_BUILDERS.update({1: table1, 4: table4, 10: table10, 11: table11, 12: table12, 13: table13})
-_ORDERED_NAMES = dict(
-    sorted(
-        {
-            **TABLE_NAMES,
-            1: "table01_sft_contamination",
-            4: "table04_preference_contamination",
-            10: "table10_sft_languages",
-            11: "table11_preference_languages",
-            12: "table12_rlvr_languages",
-            13: "table13_rlvr_contamination",
-        }.items()
-    )
-)
-TABLE_NAMES.clear()
-TABLE_NAMES.update(_ORDERED_NAMES)
-#: The paper's data tables: contamination (1, 4, 13) and language distribution (10, 11, 12).
-DATA_TABLES = (1, 4, 13, 10, 11, 12)
+_BUILDERS = {
+    1: table1, 2: table2, 3: table3, 4: table4, 5: table5, 6: table6, 7: table7,
+    8: table8, 9: table9, 10: table10, 11: table11, 12: table12, 13: table13,
+}  # fmt: skip
 
-__all__ += [
-    "CONTAMINATION_METRIC",
-    "DATA_STAGE",
-    "DATA_TABLES",
-    "LANGUAGE_METRIC",
-    "table1",
-    "table4",
-    "table10",
-    "table11",
-    "table12",
-    "table13",
-]
+
+def build_table(number: int, kit: KitLike = None) -> pd.DataFrame:
+    """Table ``number`` (1 to 13), with kit numbers where given."""
+    if number not in _BUILDERS:
+        raise KeyError(f"no table {number}; choose from {sorted(_BUILDERS)}")
+    return _BUILDERS[number](kit)

@@ -12,7 +12,7 @@ import pytest
 
 from smoltulu_utils import contamination as cont
 from smoltulu_utils import tables
-from smoltulu_utils.data import MirrorFileMissing, get_spec, load_rows
+from smoltulu_utils.data import MirrorFileMissing, get_spec, load_rows, stream_rows
 from smoltulu_utils.paths import FIXTURES_DIR, KIT_ROOT
 from smoltulu_utils.results import ResultsStore
 
@@ -151,12 +151,12 @@ def test_stream_rows_reads_a_mirror_line_by_line_and_reports_bad_lines(tmp_path,
     lines = [json.dumps(r) for r in sft_rows[:3]]
     path.write_text("\n".join([lines[0], "{not json", "", lines[1], lines[2]]) + "\n")
     problems = []
-    rows = list(cont.stream_rows("tulu3_sft", mirror=tmp_path, problems=problems))
+    rows = list(stream_rows("tulu3_sft", mirror=tmp_path, problems=problems))
     assert [r is None for r in rows] == [False, True, False, False]
     assert problems[0].index == 1 and "line 2" in problems[0].reason
-    assert len(list(cont.stream_rows("tulu3_sft", mirror=tmp_path, limit=2))) == 2
+    assert len(list(stream_rows("tulu3_sft", mirror=tmp_path, limit=2))) == 2
     with pytest.raises(MirrorFileMissing, match="mirror"):
-        next(cont.stream_rows("rlvr_mixed", mirror=tmp_path))
+        next(stream_rows("rlvr_mixed", mirror=tmp_path))
     result = cont.scan_mixture("tulu3_sft", cont.NgramIndex([]), mirror=tmp_path, progress=False)
     assert result.n_rows == 4 and result.n_skipped == 1 and result.projected_seconds(8) > 0
 

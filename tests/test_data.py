@@ -23,8 +23,10 @@ from smoltulu_utils.data import (
     get_spec,
     load_rows,
     mirror_path,
+    mixture_spec,
     read_jsonl,
     schema_of,
+    stream_rows,
     to_dataset,
     validate_rows,
     write_jsonl,
@@ -449,6 +451,18 @@ def test_hub_loads_pass_the_pinned_revision_config_and_limit(monkeypatch):
         ("google/IFEval", None, "train", DATASETS["ifeval"].revision, False),
         ("lukaemon/bbh", "navigate", "test", DATASETS["bbh"].revision, False),
     ]
+
+
+def test_stream_rows_streams_a_mixture_from_the_hub(monkeypatch):
+    monkeypatch.delenv("SMOLTULU_DATA_MIRROR", raising=False)
+    hub = _FakeHub()
+    monkeypatch.setattr(datasets, "load_dataset", hub)
+    rows = list(stream_rows("tulu3_sft", limit=4))
+    assert [r["id"] for r in rows] == [r["id"] for r in _fixture_rows("tulu3_sft")[:4]]
+    assert hub.calls == [("allenai/tulu-3-sft-mixture", None, "train", DATASETS["tulu3_sft"].revision, True)]
+    assert mixture_spec("rlvr_mixed").kind == "rlvr"
+    with pytest.raises(ValueError, match="not a training mixture; choose from tulu3_sft"):
+        mixture_spec("gsm8k")
 
 
 def test_write_mirror_writes_the_layout_load_rows_reads(monkeypatch, tmp_path):

@@ -21,6 +21,7 @@ from smoltulu_utils.results import (
     ResultsError,
     ResultsStore,
     ResultsWarning,
+    curves_frame,
     default_path,
 )
 
@@ -340,3 +341,76 @@ def test_kill_inside_append_at_a_random_io_call_leaves_old_or_new_file(tmp_path)
         before = rows
     with warnings_as_errors():
         ResultsStore(path).read(strict=True)
+
+
+def test_make_row_validates_and_fills_created_at():
+    from smoltulu_utils import results
+
+    row = results.make_row("r", "sft", "M", "PIQA", "acc_norm", 61.0, stderr=0.5, n=10, settings={"seed": 1})
+    assert row["settings"] == {"seed": 1} and row["stderr"] == 0.5 and row["n"] == 10
+    assert row["created_at"]
+    bare = results.make_row("r", "sft", "M", "PIQA", "acc_norm", 1)
+    assert "stderr" not in bare and "n" not in bare and bare["settings"] == {}
+    with pytest.raises(ResultsError, match="'value'"):
+        results.make_row("r", "sft", "M", "PIQA", "acc_norm", math.nan)
+    with pytest.raises(ResultsError, match="'run_id'"):
+        results.make_row("", "sft", "M", "PIQA", "acc_norm", 1.0)
+
+
+def test_curve_rows_round_trip_through_the_store(store):
+    from smoltulu_utils.results import TRAINING_BENCHMARK, curve_rows, curves_frame, latest_rows
+
+    curves = {"train_loss": [(10, 2.5), (20, 2.1)], "verifiable_reward": [(10, 0.25)]}
+    rows = curve_rows("rlvr_smoke", "rlvr", "M", curves, settings={"learning_rate": 1e-6})
+    assert len(rows) == 3
+    assert {r["benchmark"] for r in rows} == {TRAINING_BENCHMARK}
+    store.append(rows)
+    store.append(make_row())
+    frame = latest_rows(store.read())
+    assert len(frame) == 4  # every step keeps its own key
+    got = curves_frame(frame)
+    assert list(got.columns) == ["run_id", "stage", "model", "curve", "step", "value"]
+    assert got[["curve", "step", "value"]].values.tolist() == [
+        ["train_loss", 10, 2.5],
+        ["train_loss", 20, 2.1],
+        ["verifiable_reward", 10, 0.25],
+    ]
+    assert set(got["run_id"]) == {"rlvr_smoke"}
+
+
+def test_curves_frame_of_a_frame_without_curves(store):
+    from smoltulu_utils.results import curves_frame
+
+    assert curves_frame(store.read()).empty
+    store.append(make_row())
+    assert list(curves_frame(store.read()).columns) == ["run_id", "stage", "model", "curve", "step", "value"]
+    assert curves_frame(store.read()).empty
+
+
+def test_every_stage_result_puts_its_training_curves_in_the_store(tmp_path):
+    """SFT, DPO, RM and RLVR results all write their curves as rows; a NaN point (a diverged step) has none."""
+    from smoltulu_utils.dpo import DPOResult
+    from smoltulu_utils.reward_model import RMResult
+    from smoltulu_utils.rlvr import RLVRResult, results_rows
+    from smoltulu_utils.rlvr_data import RLVRDataReport
+    from smoltulu_utils.sft import SFTResult
+
+    common = dict(output_dir=tmp_path, steps=2, learning_rate=1e-5, effective_batch_size=8)
+    sft = SFTResult(train_loss=[(1, 2.0), (2, float("nan"))], **common)
+    dpo = DPOResult(train_loss=[(1, 0.69), (2, 0.6)], curves={"margins": [(1, 0.0), (2, 0.3)]}, **common)
+    rm = RMResult(train_loss=[(1, 0.7)], train_accuracy=[(1, 0.5), (2, 0.75)], **common)
+    logs = [{"iteration": i, "episodes": 4 * i, "verifiable_reward": r} for i, r in ((1, 0.25), (2, 0.5))]
+    rlvr = RLVRResult("ppo", tmp_path, 2, logs, [], 1.0, 1e-6, 4, RLVRDataReport(4, 4, 64))
+    store = ResultsStore(tmp_path / "results.jsonl")
+    for stage, result in (("sft", sft), ("dpo", dpo), ("rm", rm)):
+        store.append(result.curve_rows(f"{stage}_run", stage))
+    store.append(results_rows(rlvr, "rlvr_run", "policy"))
+
+    curves = curves_frame(store.read())
+    got = {key: list(zip(g.step, g.value, strict=True)) for key, g in curves.groupby(["stage", "curve"])}
+    assert got[("sft", "train_loss")] == [(1, 2.0)]
+    assert got[("dpo", "rewards/margins")] == [(1, 0.0), (2, 0.3)]
+    assert got[("rm", "train_accuracy")] == [(1, 0.5), (2, 0.75)]
+    assert got[("rlvr", "verifiable_reward")] == [(1, 0.25), (2, 0.5)]
+    sft_rows = [r for r in store.read().to_dict("records") if r["stage"] == "sft"]
+    assert sft_rows[0]["settings"]["learning_rate"] == 1e-5

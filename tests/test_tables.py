@@ -272,7 +272,7 @@ def test_kit_recipes_join_hyperparameter_tables():
             "benchmark": "train",
             "metric": "loss",
             "value": 1.0,
-            "settings": {"lr": 9e-5, "effective_batch": 8, "profile": "smoke"},
+            "settings": {"learning_rate": 9e-5, "effective_batch_size": 8, "profile": "smoke"},
         }
     ]
     df = tables.table2(rows)
@@ -280,10 +280,18 @@ def test_kit_recipes_join_hyperparameter_tables():
     assert df.loc["SmolTulu SFT-1130 (kit run sft_smoke)", "Learning rate"] == "9.0e-5"
     assert len(tables.table5(rows)) == 4  # an SFT run does not join the DPO table
     sweep = [
-        dict(rows[0], run_id=f"cell{i}", settings={"lr": lr, "effective_batch": 8})
+        dict(rows[0], run_id=f"cell{i}", settings={"learning_rate": lr, "effective_batch_size": 8})
         for i, lr in enumerate([1e-5, 1e-4])
     ]
     assert len(tables.table2(sweep)) == 4 + 2  # every run of a sweep keeps its own row
+
+
+def test_sweep_rows_join_the_hyperparameter_table():
+    from smoltulu_utils.sweep import Cell, CellResult, cell_rows
+
+    rows = cell_rows(Cell(9e-5, 8), CellResult({"HellaSwag": 40.0}, eval_loss=1.5), model="SmolTulu SFT-1130")
+    df = tables.table2(rows)
+    assert df.loc["SmolTulu SFT-1130 (kit run lr9e-05_bs8_s0)", "LR/BS ratio (x1e6)"] == "11.25"
 
 
 # --- saving ------------------------------------------------------------------------------------
