@@ -1,28 +1,23 @@
 """Recipes: one YAML file per stage and run, loaded into a frozen, validated dataclass.
 
-A recipe holds the numbers of one training run as the paper (or Tulu 3, or the kit) states them::
-
-    recipe = load_recipe("sft_1130")
-    recipe.learning_rate, recipe.effective_batch_size   # 9e-05, 8
-    recipe.ratio_scaled, recipe.ratio_scale_label       # 11.25, 'x1e6'  (as Table 2 prints it)
-    faster = recipe.replace(learning_rate=1e-4)         # a new, validated recipe (for sweeps)
-
-The YAML's ``stage:`` key picks the class (``SFTRecipe``, ``DPORecipe``, ``RMRecipe``, ``RLVRRecipe``).
-Every value line ends with a comment naming its source (``# Table 2``, ``# Tulu 3: ...``,
-``# kit choice: why``); ``recipe_sources`` reads them back. Mistakes raise ``RecipeError`` with the
-file, the key and the fix. The recipe says *what* to train; how it fits the machine at hand
-(per-device batch, accumulation, caps) is decided by ``profiles.resolve``.
+``load_recipe("sft_1130")`` builds the class named by the YAML's ``stage:`` (``SFTRecipe``, ``DPORecipe``,
+``RMRecipe``, ``RLVRRecipe``); ``recipe.replace(learning_rate=1e-4)`` gives a new, validated one. Every
+value line ends with a comment naming its source (``# Table 2``, ``# Tulu 3: ...``, ``# kit choice: why``),
+read back by ``recipe_sources``. :class:`Checker` holds the checks of a YAML file's values, shared with
+the sweep grids; a mistake raises ``RecipeError`` naming the file, the key and the fix. How a recipe fits
+the machine at hand (per-device batch, accumulation, caps) is decided by ``profiles.resolve``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, get_type_hints
+from typing import Any, ClassVar, NoReturn, get_type_hints
 
 import yaml
 
@@ -46,6 +41,85 @@ class RecipeError(FileKeyError):
 def _closest(word: str, choices) -> str:
     match = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.5)
     return f" Did you mean '{match[0]}'?" if match else ""
+
+
+_EXAMPLES = {float: "9.0e-5", int: "8", bool: "true", str: "a word in quotes"}
+
+
+@dataclass(frozen=True)
+class Checker:
+    """The checks of the values of one YAML file (a recipe, a sweep grid); each failure raises ``error``."""
+
+    file: Any
+    error: type[FileKeyError] = RecipeError
+
+    def fail(self, key: str | None, problem: str, fix: str = "") -> NoReturn:
+        raise self.error(self.file, key, problem, fix)
+
+    def typed(self, key: str, value: Any, kind: type) -> Any:
+        """``value`` as ``kind`` (float, int, bool or str), or fail naming the key."""
+        if kind is float and not isinstance(value, bool):
+            with contextlib.suppress(TypeError, ValueError):  # PyYAML reads 9e-5 (no dot) as a string
+                number = float(value)
+                if math.isfinite(number):
+                    return number
+        elif kind is int and not isinstance(value, bool):
+            if isinstance(value, int):
+                return value
+            with contextlib.suppress(TypeError, ValueError):  # "1e7" or 10000000.0
+                number = float(value)
+                if number.is_integer():
+                    return int(number)
+        elif kind in (bool, str) and isinstance(value, kind):
+            return value
+        self.fail(
+            key,
+            f"should be {kind.__name__}, got {value!r} ({type(value).__name__}).",
+            f"write it as a plain {kind.__name__}, e.g. {_EXAMPLES[kind]}.",
+        )
+
+    def positive(self, key: str, value: Any, fix: str = "give a value above 0.") -> Any:
+        if value <= 0:
+            self.fail(key, f"must be positive, got {value}.", fix)
+        return value
+
+    def non_negative(self, key: str, value: Any, fix: str = "give 0 or more.") -> Any:
+        if value < 0:
+            self.fail(key, f"must be >= 0, got {value}.", fix)
+        return value
+
+    def choice(self, key: str | None, value: Any, choices, what: str, fix: str = "") -> None:
+        if value not in choices:
+            self.fail(
+                key,
+                f"unknown {what} '{value}'." + _closest(value, choices),
+                fix or f"use one of {', '.join(choices)}.",
+            )
+
+    def mapping(self, key: str | None, value: Any) -> None:
+        if not isinstance(value, dict):
+            self.fail(
+                key,
+                f"should be a mapping of keys to values, got {type(value).__name__}.",
+                "write one 'key: value  # source' per line.",
+            )
+
+    def keys(self, data: dict, known, required, what: str, prefix: str = "") -> None:
+        """Fail on a key of ``data`` not in ``known`` (naming the closest) or a ``required`` one missing."""
+        for key in data:
+            if key not in known:
+                self.fail(
+                    f"{prefix}{key}",
+                    f"is not a key of {what}." + _closest(key, known),
+                    "rename or delete it.",
+                )
+        for key in required:
+            if key not in data:
+                self.fail(
+                    f"{prefix}{key}",
+                    f"is missing; {what} needs it.",
+                    f"add a line '{key}: <value>  # <source>'.",
+                )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,6 +152,10 @@ class Recipe:
             object.__setattr__(self, key, self._coerce(key, getattr(self, key), hints[key]))
         self._validate()
 
+    @property
+    def _check(self) -> Checker:
+        return Checker(self.path or self.name)
+
     # -- derived numbers -------------------------------------------------------------------------
     @property
     def lr_bs_ratio(self) -> float:
@@ -100,7 +178,7 @@ class Recipe:
         known = self.keys()
         for key in changes:
             if key not in known:
-                raise RecipeError(self.path or self.name, key, "is not a recipe key." + _closest(key, known))
+                self._check.fail(key, "is not a recipe key." + _closest(key, known))
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -122,82 +200,41 @@ class Recipe:
         ]
 
     # -- checks ----------------------------------------------------------------------------------
-    def _fail(self, key: str, problem: str, fix: str = "") -> None:
-        raise RecipeError(self.path or getattr(self, "name", None), key, problem, fix)
-
     def _coerce(self, key: str, value: Any, kind: Any) -> Any:
-        """Return ``value`` as the field's type ``kind``, or fail naming the key."""
+        """Return ``value`` as the field's type ``kind`` (None where the field allows it)."""
+        options = getattr(kind, "__args__", (kind,))
         if value is None:
-            if type(None) in getattr(kind, "__args__", ()):
+            if type(None) in options:
                 return None
-            self._fail(key, "is empty (null).", "give it a value.")
-        kind = next((k for k in getattr(kind, "__args__", (kind,)) if k is not type(None)), kind)
-        if kind is float and not isinstance(value, bool):
-            try:  # PyYAML reads 9e-5 (no dot) as a string; accept it as the number it means
-                number = float(value)
-                if math.isfinite(number):
-                    return number
-            except (TypeError, ValueError):
-                pass
-        elif kind is int and not isinstance(value, bool):
-            if isinstance(value, int):
-                return value
-            try:  # "1e7" or 10000000.0
-                number = float(value)
-                if number.is_integer():
-                    return int(number)
-            except (TypeError, ValueError):
-                pass
-        elif kind is bool and isinstance(value, bool):
-            return value
-        elif kind is str and isinstance(value, str):
-            return value
-        self._fail(
-            key,
-            f"should be {kind.__name__}, got {value!r} ({type(value).__name__}).",
-            f"write it as a plain {kind.__name__}, e.g. {_EXAMPLES[kind]}.",
-        )
+            self._check.fail(key, "is empty (null).", "give it a value.")
+        return self._check.typed(key, value, next(k for k in options if k is not type(None)))
 
     def _validate(self) -> None:
+        check = self._check
         if self.stage != self.stage_name:
-            self._fail(
+            check.fail(
                 "stage",
                 f"is '{self.stage}' but this is a {type(self).__name__}.",
                 "load the file with load_recipe(), which picks the class from 'stage'.",
             )
-        if self.dataset not in DATASETS:
-            self._fail(
-                "dataset",
-                f"unknown dataset '{self.dataset}'." + _closest(self.dataset, DATASETS),
-                f"use one of {', '.join(DATASETS)}.",
-            )
+        check.choice("dataset", self.dataset, DATASETS, "dataset")
         for key in ("learning_rate", "effective_batch_size", "num_epochs", "max_length"):
-            if getattr(self, key) <= 0:
-                self._fail(key, f"must be positive, got {getattr(self, key)}.", "give a value above 0.")
+            check.positive(key, getattr(self, key))
         if not 0 <= self.warmup_ratio < 1:
-            self._fail(
+            check.fail(
                 "warmup_ratio",
                 f"must be in [0, 1), got {self.warmup_ratio}.",
                 "give the fraction of steps spent warming up, e.g. 0.03.",
             )
-        if self.weight_decay < 0:
-            self._fail("weight_decay", f"must be >= 0, got {self.weight_decay}.", "use 0.0 for none.")
+        check.non_negative("weight_decay", self.weight_decay, "use 0.0 for none.")
         clip = getattr(self, "max_grad_norm", None)  # the stages trained by a Trainer: SFT, DPO, RM
-        if clip is not None and clip < 0:
-            self._fail(
+        if clip is not None:
+            check.non_negative(
                 "max_grad_norm",
-                f"must be >= 0, got {clip}.",
+                clip,
                 "give the gradient norm to clip to (Tulu 3: 1.0), or 0.0 for no clipping.",
             )
-        if self.lr_scheduler not in LR_SCHEDULERS:
-            self._fail(
-                "lr_scheduler",
-                f"unknown scheduler '{self.lr_scheduler}'." + _closest(self.lr_scheduler, LR_SCHEDULERS),
-                f"use one of {', '.join(LR_SCHEDULERS)}.",
-            )
-
-
-_EXAMPLES = {float: "9.0e-5", int: "8", bool: "true", str: "a word in quotes"}
+        check.choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS, "scheduler")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -214,12 +251,8 @@ class SFTRecipe(Recipe):
 
     def _validate(self) -> None:
         super()._validate()
-        if self.loss_reduction not in LOSS_REDUCTIONS:
-            self._fail(
-                "loss_reduction",
-                f"unknown reduction '{self.loss_reduction}'.",
-                "use 'sum' (Tulu 3: summed over tokens) or 'mean'.",
-            )
+        fix = "use 'sum' (Tulu 3: summed over tokens) or 'mean'."
+        self._check.choice("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS, "reduction", fix)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -235,14 +268,8 @@ class DPORecipe(Recipe):
 
     def _validate(self) -> None:
         super()._validate()
-        if self.beta <= 0:
-            self._fail("beta", f"must be positive, got {self.beta}.", "Tulu 3 uses 5 with dpo_norm.")
-        if self.loss_type not in DPO_LOSS_TYPES:
-            self._fail(
-                "loss_type",
-                f"unknown loss type '{self.loss_type}'." + _closest(self.loss_type, DPO_LOSS_TYPES),
-                f"use one of {', '.join(DPO_LOSS_TYPES)}.",
-            )
+        self._check.positive("beta", self.beta, "Tulu 3 uses 5 with dpo_norm.")
+        self._check.choice("loss_type", self.loss_type, DPO_LOSS_TYPES, "loss type")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -275,34 +302,46 @@ class RLVRRecipe(Recipe):
     value_model_from: str  # "reward_model" or "policy"
     reward_model: str  # Hub id of the reward model
     reward_recipe: str | None = None  # the recipe whose checkpoint replaces reward_model in a chained run
+    # PPO's constants (ppo.PPOSettings) and GRPO's (grpo.GRPOSettings)
+    gamma: float  # discount factor
+    lam: float  # GAE lambda
+    cliprange: float  # policy ratio clip (GRPO's epsilon)
+    cliprange_value: float  # value clip
+    vf_coef: float  # weight of the value loss
+    whiten_advantages: bool  # advantages whitened over the batch
+    max_grad_norm: float  # clip each step's gradient to this norm; 0: no clipping
+    adam_eps: float  # AdamW epsilon
+    min_response_length: int  # a response shorter than this (before its EOS) counts as non-stop
+    penalize_non_stop: bool  # apply non_stop_penalty to responses that never end
+    non_stop_replaces_score: bool  # the penalty replaces the score (false: it is added)
+    grpo_num_generations: int  # GRPO: responses per prompt
+    grpo_loss_type: str  # GRPO: TRL's loss_type
+    grpo_scale_rewards: str  # GRPO: TRL's scale_rewards
 
     def _validate(self) -> None:
         super()._validate()
-        for key in (
-            "num_episodes",
-            "prompt_length",
-            "response_length",
-            "temperature",
-            "rollout_batch_size",
-            "minibatch_size",
-            "tulu3_learning_rate",
-        ):
-            if getattr(self, key) <= 0:
-                self._fail(key, f"must be positive, got {getattr(self, key)}.", "give a value above 0.")
-        if self.kl_beta < 0:
-            self._fail("kl_beta", f"must be >= 0, got {self.kl_beta}.", "the card uses 0.05.")
+        check = self._check
+        for key in ("num_episodes", "prompt_length", "response_length", "temperature"):
+            check.positive(key, getattr(self, key))
+        for key in ("cliprange", "cliprange_value", "vf_coef", "adam_eps", "grpo_num_generations"):
+            check.positive(key, getattr(self, key))
+        for key in ("gamma", "lam"):
+            if not 0 <= getattr(self, key) <= 1:
+                check.fail(
+                    key, f"must be in [0, 1], got {getattr(self, key)}.", "Tulu 3 uses gamma 1, lam 0.95."
+                )
+        check.non_negative("min_response_length", self.min_response_length)
+        for key in ("rollout_batch_size", "minibatch_size", "tulu3_learning_rate"):
+            check.positive(key, getattr(self, key))
+        check.non_negative("kl_beta", self.kl_beta, "the card uses 0.05.")
         if self.rollout_batch_size % self.minibatch_size:
-            self._fail(
+            check.fail(
                 "minibatch_size",
                 f"{self.minibatch_size} does not divide rollout_batch_size {self.rollout_batch_size}.",
                 "pick a divisor of rollout_batch_size.",
             )
-        if self.value_model_from not in ("reward_model", "policy"):
-            self._fail(
-                "value_model_from",
-                f"unknown value '{self.value_model_from}'.",
-                "use 'reward_model' (the card) or 'policy'.",
-            )
+        fix = "use 'reward_model' (the card) or 'policy'."
+        check.choice("value_model_from", self.value_model_from, ("reward_model", "policy"), "value", fix)
 
 
 STAGES: dict[str, type[Recipe]] = {c.stage_name: c for c in (SFTRecipe, DPORecipe, RMRecipe, RLVRRecipe)}
@@ -310,75 +349,63 @@ STAGES: dict[str, type[Recipe]] = {c.stage_name: c for c in (SFTRecipe, DPORecip
 
 def recipe_from_dict(data: dict[str, Any], path: str | Path | None = None) -> Recipe:
     """Build the recipe class named by ``data['stage']``, checking for unknown and missing keys."""
-    if not isinstance(data, dict):
-        raise RecipeError(
-            path,
-            None,
-            f"should be a mapping of keys to values, got {type(data).__name__}.",
-            "write one 'key: value  # source' per line.",
-        )
+    check = Checker(path)
+    check.mapping(None, data)
     stage = data.get("stage")
-    if stage not in STAGES:
-        problem = "is missing." if stage is None else f"unknown stage '{stage}'." + _closest(stage, STAGES)
-        raise RecipeError(path, "stage", problem, f"use one of {', '.join(STAGES)}.")
+    if stage is None:
+        check.fail("stage", "is missing.", f"use one of {', '.join(STAGES)}.")
+    check.choice("stage", stage, STAGES, "stage")
     cls = STAGES[stage]
-    known = cls.keys()
-    for key in data:
-        if key not in known:
-            raise RecipeError(
-                path, key, f"is not a key of a {stage} recipe." + _closest(key, known), "rename or delete it."
-            )
-    for key in cls.required_keys():
-        if key not in data:
-            raise RecipeError(
-                path,
-                key,
-                f"is missing; a {stage} recipe needs it.",
-                f"add a line '{key}: <value>  # <source>'.",
-            )
+    check.keys(data, cls.keys(), cls.required_keys(), f"a {stage} recipe")
     return cls(**data, path=Path(path) if path else None)
 
 
-#: The first key of a sweep grid file (``recipes/ablation_135m.yaml``): not a training recipe.
-SWEEP_MARKER = "kind: lr_bs_sweep"
+#: The value of ``kind:`` that marks a YAML file in ``recipes/`` as a sweep grid, not a training recipe.
+GRID_KIND = "lr_bs_sweep"
 
 
-def list_recipes() -> list[str]:
-    """Names of the training recipes shipped in ``recipes/`` (use them with ``load_recipe``).
-
-    Sweep grids beside them (files holding ``kind: lr_bs_sweep``) are read by ``sweep.load_grid``.
-    """
+def list_recipes(grids: bool = False) -> list[str]:
+    """Names of the training recipes in ``recipes/`` (``grids=True``: of the sweep grids beside them)."""
     return sorted(
-        p.stem
-        for p in RECIPES_DIR.glob("*.yaml")
-        if not any(line.startswith(SWEEP_MARKER) for line in p.read_text(encoding="utf-8").splitlines())
+        path.stem
+        for path in RECIPES_DIR.glob("*.yaml")
+        if grids
+        == any(
+            line.startswith(f"kind: {GRID_KIND}") for line in path.read_text(encoding="utf-8").splitlines()
+        )
     )
 
 
-def recipe_path(name_or_path: str | Path) -> Path:
-    """The YAML file for a recipe name (``'sft_1130'``) or a path."""
+def recipe_path(name_or_path: str | Path, error: type[FileKeyError] = RecipeError) -> Path:
+    """The YAML file of a name in ``recipes/`` (``'sft_1130'``, ``'ablation_135m'``) or a path."""
     text = str(name_or_path)
     if isinstance(name_or_path, Path) or text.endswith((".yaml", ".yml")) or "/" in text or "\\" in text:
         path = Path(name_or_path).expanduser()
     else:
         path = RECIPES_DIR / f"{text}.yaml"
     if not path.is_file():
-        raise RecipeError(
-            path,
+        what = error.unnamed.strip("<>")  # "recipe" or "grid"
+        names = list_recipes(grids=what == "grid")
+        Checker(path, error).fail(
             None,
-            "no such recipe file." + _closest(path.stem, list_recipes()),
-            f"use one of {', '.join(list_recipes())} or a path to a YAML file.",
+            f"no such {what} file." + _closest(path.stem, names),
+            f"use one of {', '.join(names)} or a path to a YAML file.",
         )
     return path
 
 
+def read_yaml(name_or_path: str | Path, error: type[FileKeyError] = RecipeError) -> tuple[Path, Any]:
+    """The path and the parsed content of a YAML file named as for :func:`recipe_path`."""
+    path = recipe_path(name_or_path, error)
+    try:
+        return path, yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise error(path, None, f"is not valid YAML ({err}).", "check indentation and colons.") from err
+
+
 def load_recipe(name_or_path: str | Path) -> Recipe:
     """Load and validate a recipe by name (resolved in ``recipes/``) or by path."""
-    path = recipe_path(name_or_path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise RecipeError(path, None, f"is not valid YAML ({err}).", "check indentation and colons.") from err
+    path, data = read_yaml(name_or_path)
     return recipe_from_dict(data, path)
 
 

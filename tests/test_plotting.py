@@ -162,3 +162,19 @@ def test_length_histograms_one_panel_per_dataset(tmp_path):
     assert len(save_figure(fig, "setup_dataset_lengths", tmp_path)) == 2
     with pytest.raises(ValueError, match="no lengths"):
         plot_length_histograms({"empty": []})
+
+
+def test_training_curves_from_the_store_draw_a_line_per_run_in_a_panel_per_stage_and_curve():
+    from smoltulu_utils.results import curve_rows, curves_frame
+
+    rows = curve_rows("sft_a", "sft", "m", {"train_loss": [(1, 2.0), (2, 1.5)]})
+    rows += curve_rows("sft_b", "sft", "m", {"train_loss": [(1, 2.2), (2, 1.9), (3, 1.7)]})
+    rows += curve_rows("dpo_a", "dpo", "m", {"train_loss": [(1, 0.69)], "rewards/margins": [(1, 0.1)]})
+    fig = plotting.plot_training_curves(curves_frame(pd.DataFrame(rows)))
+    where = plt.rcParams["axes.titlelocation"]  # the kit's style puts titles on the left
+    titles = [ax.get_title(loc=where) for ax in fig.axes if ax.get_visible()]
+    assert titles == ["sft: training loss", "dpo: training loss", "dpo: reward margin (chosen - rejected)"]
+    sft_panel = fig.axes[0]
+    assert [list(line.get_ydata()) for line in sft_panel.get_lines()] == [[2.0, 1.5], [2.2, 1.9, 1.7]]
+    with pytest.raises(ValueError, match="no training curves"):
+        plotting.plot_training_curves(curves_frame(pd.DataFrame(rows)), panels=["kl"])

@@ -18,8 +18,8 @@ import pytest  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from smoltulu_utils import plotting  # noqa: E402
-from smoltulu_utils.results import ResultsStore  # noqa: E402
-from smoltulu_utils.sweep import EVAL_LOSS, Cell, run_sweep, sweep_frame  # noqa: E402
+from smoltulu_utils.results import ResultsStore, sweep_frame  # noqa: E402
+from smoltulu_utils.sweep import EVAL_LOSS, Cell, run_sweep  # noqa: E402
 
 FIGURE1 = ("ARC (Average)", "GSM8K (5-shot)", "HellaSwag", "IFEval (Average)")
 METRICS = (*FIGURE1, EVAL_LOSS)

@@ -18,29 +18,25 @@ from pathlib import Path
 import pytest
 
 from smoltulu_utils.errors import KitError
-from smoltulu_utils.recipes import SFTRecipe
-from smoltulu_utils.results import ResultsStore
+from smoltulu_utils.recipes import SFTRecipe, recipe_path
+from smoltulu_utils.results import CELL_COMPLETE, CELL_FAILED, ResultsStore, lower_is_better, sweep_frame
 from smoltulu_utils.sweep import (
     EVAL_LOSS,
-    FAILED,
-    MARKER,
     Cell,
     CellResult,
     SweepError,
+    SweepGrid,
     completed_cells,
     covers_paper_range,
     format_number,
-    grid_path,
     load_grid,
-    lower_is_better,
     paper_ratio_range,
     ratio_span,
     run_sweep,
-    sweep_frame,
     train_and_evaluate,
 )
 
-GRID = grid_path("ablation_135m")
+GRID = recipe_path("ablation_135m")
 FIGURE1 = ("ARC (Average)", "GSM8K (5-shot)", "HellaSwag", "IFEval (Average)")
 METRICS = (EVAL_LOSS, *FIGURE1)
 
@@ -210,7 +206,7 @@ def write_grid(tmp_path: Path, old: str, new: str) -> Path:
         ),
         ("  max_steps: 3 ", "  max_steps: -3 ", "smoke", "smoke.max_steps", "positive"),
         ("  max_steps: 3 ", "  max_step: 3 ", "paper", "smoke.max_step", "Did you mean 'max_steps'"),
-        ("[2, 4, 16]", "[2, 4, 2.5]", "smoke", "smoke.effective_batch_sizes[2]", "whole number"),
+        ("[2, 4, 16]", "[2, 4, 2.5]", "smoke", "smoke.effective_batch_sizes[2]", "should be int"),
         ("kind: lr_bs_sweep", "kind: recipe", "paper", "kind", "not a sweep grid"),
     ],
 )
@@ -220,6 +216,18 @@ def test_bad_grid_values_name_the_file_and_the_key(tmp_path, old, new, profile, 
         load_grid(path, profile=profile)
     message = str(caught.value)
     assert str(path) in message and f"key '{key}'" in message and words in message, message
+
+
+def test_a_grid_loads_into_its_values_and_cells():
+    grid = SweepGrid.load("ablation_135m", "smoke")
+    assert (grid.name, grid.profile, grid.path, grid.base.stage) == ("ablation_135m", "smoke", GRID, "sft")
+    assert (
+        grid.shared["model"] == "tiny" and grid.shared["max_steps"] == 3 and grid.shared["eval_samples"] == 12
+    )
+    assert grid.cells() == load_grid("ablation_135m", "smoke")
+    assert len(grid.cells()) == len(grid.learning_rates) * len(grid.effective_batch_sizes) * len(grid.seeds)
+    with pytest.raises(SweepError, match="no such grid file. Did you mean 'ablation_135m'"):
+        SweepGrid.load("ablation_13m")
 
 
 def test_other_grid_errors(tmp_path):
@@ -261,14 +269,14 @@ def test_every_cell_is_recorded_once_and_a_rerun_skips_all(tmp_path, capsys):
     counts = rows_by_cell(store)
     assert set(counts) == {c.run_id for c in cells}
     for run_id, count in counts.items():
-        assert count == Counter({**dict.fromkeys(METRICS, 1), MARKER: 1}), run_id
+        assert count == Counter({**dict.fromkeys(METRICS, 1), CELL_COMPLETE: 1}), run_id
 
     rows = store.rows()
-    assert rows[len(METRICS)]["benchmark"] == MARKER  # the marker follows the cell's metric rows
+    assert rows[len(METRICS)]["benchmark"] == CELL_COMPLETE  # the marker follows the cell's metric rows
     first = rows[0]
     assert first["stage"] == "sft" and first["model"] == "HuggingFaceTB/SmolLM2-135M"
     settings = first["settings"]
-    assert settings["lr"] == 1e-6 and settings["effective_batch_size"] == 4
+    assert settings["learning_rate"] == 1e-6 and settings["effective_batch_size"] == 4
     assert settings["ratio"] == pytest.approx(2.5e-7) and settings["seed"] == 0
     assert settings["profile"] == "smoke" and settings["sweep"] == "ablation_135m"
     assert settings["steps"] == 10 and settings["tokens_seen"] == 4000 and settings["wall_seconds"] >= 0
@@ -300,7 +308,7 @@ def test_a_failing_cell_is_counted_and_the_sweep_goes_on(tmp_path, caplog):
     assert "RuntimeError: out of memory" in report.failed[cells[3].run_id]
     assert len(report.completed) == 10 and "2 failed" in str(report)
     assert any("failed" in r.message and cells[3].run_id in r.message for r in caplog.records)
-    failures = [r for r in store.rows() if r["benchmark"] == FAILED]
+    failures = [r for r in store.rows() if r["benchmark"] == CELL_FAILED]
     assert {r["run_id"] for r in failures} == broken
     assert (
         "out of memory" in failures[0]["settings"]["error"]
@@ -308,7 +316,7 @@ def test_a_failing_cell_is_counted_and_the_sweep_goes_on(tmp_path, caplog):
     )
     frame = sweep_frame(store)
     assert set(frame["run_id"]) == {c.run_id for c in cells} - broken  # failures are not scores
-    assert not frame["metric"].isin([FAILED, MARKER]).any()
+    assert not frame["metric"].isin([CELL_FAILED, CELL_COMPLETE]).any()
 
     retry = Fake()  # the next run retries only the failed cells
     report = run_sweep(cells, retry, store, progress=False)
@@ -334,7 +342,9 @@ def test_results_in_other_shapes_and_values_that_are_not_finite(tmp_path):
     report = run_sweep(cells, run_cell, store, progress=False)
     assert report.non_finite == {cells[0].run_id: [EVAL_LOSS]} and "diverged" in str(report)
     assert list(report.failed) == [cells[2].run_id] and "TypeError" in report.failed[cells[2].run_id]
-    marker = next(r for r in store.rows() if r["run_id"] == cells[0].run_id and r["benchmark"] == MARKER)
+    marker = next(
+        r for r in store.rows() if r["run_id"] == cells[0].run_id and r["benchmark"] == CELL_COMPLETE
+    )
     assert marker["value"] == 1 and marker["settings"]["non_finite"] == [EVAL_LOSS]
     frame = sweep_frame(store).set_index("run_id")
     arc = frame.loc[cells[1].run_id]
@@ -447,7 +457,7 @@ def test_a_killed_sweep_resumes_without_recomputing_finished_cells(tmp_path):
     calls = tmp_path / "calls.txt"
 
     def finished() -> set[str]:
-        return {r["run_id"] for r in store.rows(warn=False) if r["benchmark"] == MARKER}
+        return {r["run_id"] for r in store.rows(warn=False) if r["benchmark"] == CELL_COMPLETE}
 
     def started() -> list[str]:
         return calls.read_text().split() if calls.exists() else []
@@ -484,7 +494,7 @@ def test_a_killed_sweep_resumes_without_recomputing_finished_cells(tmp_path):
     counts = rows_by_cell(store)  # strict: every line of the file is a whole row
     assert len(counts) == 8
     for run_id, count in counts.items():
-        assert count == Counter({EVAL_LOSS: 1, "ARC (Average)": 1, MARKER: 1}), run_id
+        assert count == Counter({EVAL_LOSS: 1, "ARC (Average)": 1, CELL_COMPLETE: 1}), run_id
     assert not list(tmp_path.glob(".results.jsonl.*.tmp"))
     assert len(sweep_frame(store)) == 16
 
