@@ -43,7 +43,7 @@ def cuda_supports_bf16(compute_capability: tuple[int, int]) -> bool:
 def explain_dtype(
     device: str, compute_capability: tuple[int, int] | None = None, override: str | None = None
 ) -> tuple[str, str]:
-    """The dtype for ``device`` and a short reason, as ``(dtype, reason)``."""
+    """``(dtype, reason)``: bf16 on CUDA >= 8.0, fp16 on older CUDA, fp32 on CPU and MPS, or ``override``."""
     if override is not None:
         if override not in DTYPES:
             raise ValueError(f"unknown dtype {override!r}; use one of {', '.join(DTYPES)}")
@@ -62,26 +62,12 @@ def explain_dtype(
     raise ValueError(f"unknown device {device!r}; use one of {', '.join(DEVICES)}")
 
 
-def pick_dtype(
-    device: str, compute_capability: tuple[int, int] | None = None, override: str | None = None
-) -> str:
-    """The training dtype: bf16 on CUDA >= 8.0, fp16 on older CUDA, fp32 on CPU and MPS."""
-    return explain_dtype(device, compute_capability, override)[0]
-
-
 def total_ram_gib() -> float | None:
     """Physical memory of this machine in GiB, or None where the OS does not say."""
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (AttributeError, OSError, ValueError):
         return None
-
-
-def cpu_core_count() -> int:
-    """CPU cores this process may use (respects container and affinity limits)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def hardware_from_facts(
@@ -117,7 +103,8 @@ def detect_hardware(dtype: str | None = None) -> Hardware:
     """Look at this machine (via torch) and return its ``Hardware``; ``dtype`` forces a format."""
     import torch
 
-    cores = cpu_core_count()
+    # the cores this process may use (container and affinity limits included)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         return hardware_from_facts(
@@ -131,12 +118,11 @@ def detect_hardware(dtype: str | None = None) -> Hardware:
         )
     mps = getattr(torch.backends, "mps", None)
     if mps is not None and mps.is_available():
-        return hardware_from_facts(
-            "mps", device_name="Apple MPS", memory_gib=total_ram_gib(), cpu_cores=cores, dtype=dtype
-        )
-    name = platform.processor() or platform.machine() or "CPU"
+        device, name = "mps", "Apple MPS"
+    else:
+        device, name = "cpu", platform.processor() or platform.machine() or "CPU"
     return hardware_from_facts(
-        "cpu", device_name=name, memory_gib=total_ram_gib(), cpu_cores=cores, dtype=dtype
+        device, device_name=name, memory_gib=total_ram_gib(), cpu_cores=cores, dtype=dtype
     )
 
 
@@ -149,22 +135,15 @@ def _version(package: str) -> str:
 
 def hardware_report(hw: Hardware) -> str:
     """A few lines for a notebook's versions/device cell: device, memory, cores, dtype and why, versions."""
-    device = f"{hw.device} x{hw.n_devices} ({hw.device_name}"
-    device += (
-        f", compute capability {hw.compute_capability[0]}.{hw.compute_capability[1]})"
-        if (hw.compute_capability)
-        else ")"
-    )
-    if hw.memory_gib is None:
-        memory = "unknown"
-    else:
+    cc = hw.compute_capability
+    capability = f", compute capability {cc[0]}.{cc[1]}" if cc else ""
+    memory = "unknown"
+    if hw.memory_gib is not None:
         memory = f"{hw.memory_gib:.1f} GiB " + ("per GPU" if hw.device == "cuda" else "RAM")
-    return "\n".join(
-        [
-            f"device    : {device}",
-            f"memory    : {memory}",
-            f"cpu cores : {hw.cpu_cores}",
-            f"dtype     : {hw.dtype} ({hw.dtype_reason})",
-            f"versions  : torch {_version('torch')}, transformers {_version('transformers')}",
-        ]
+    return (
+        f"device    : {hw.device} x{hw.n_devices} ({hw.device_name}{capability})\n"
+        f"memory    : {memory}\n"
+        f"cpu cores : {hw.cpu_cores}\n"
+        f"dtype     : {hw.dtype} ({hw.dtype_reason})\n"
+        f"versions  : torch {_version('torch')}, transformers {_version('transformers')}"
     )

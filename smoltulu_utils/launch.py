@@ -1,23 +1,11 @@
 """Start a stage of the kit as a subprocess, on one process or several under ``accelerate launch``.
 
-A notebook cell runs one training stage on every process of the machine with::
-
-    from smoltulu_utils.launch import run_stage
-
-    run_stage(["sft", "--recipe", "sft_1130", "--profile", "auto", "--output", "runs/sft_1130"],
-              num_processes=2)
-
-With one process this runs ``python -m smoltulu_utils <args>``; with more, or with a ``config`` (any
-file of ``recipes/accelerate/`` by name, e.g. ``deepspeed_zero3``, or a path), it runs the same command
-under ``accelerate launch`` (:func:`launch_command`), by default with the kit's Accelerate config for
-the machine: ``recipes/accelerate/cpu_2proc.yaml`` without a GPU (gloo, two CPU processes),
-``multi_gpu_ddp.yaml`` on CUDA. The launched processes see ``SMOLTULU_LAUNCHED`` (or ``WORLD_SIZE``), so
-a command that starts itself under the launcher (``--processes N``) does so once. The output is
-streamed as it comes; a failed run raises :class:`LaunchError` with the last lines of its output.
-
-:func:`batch_recorder` is the hook behind ``sft --record-batches``: every process writes the examples
-of each micro-batch it trained on to ``batches_rank{R}.json``, which shows how the data was split
-between the processes and how each optimizer step was formed.
+``run_stage(["sft", "--recipe", "sft_1130", "--output", "runs/sft_1130"], num_processes=2)`` runs
+``python -m smoltulu_utils <args>``, under ``accelerate launch`` with more than one process or a
+``config`` (default: ``recipes/accelerate/cpu_2proc.yaml`` without a GPU, ``multi_gpu_ddp.yaml`` on
+CUDA), streams its output and raises :class:`LaunchError` with the last lines when it fails.
+:func:`batch_recorder`, behind ``sft --record-batches``, writes the examples of each micro-batch every
+process trained on, to show how the data was split between the processes.
 """
 
 from __future__ import annotations
@@ -62,9 +50,6 @@ class LaunchError(KitError, RuntimeError):
     """A stage run as a subprocess that could not start or did not finish; the message quotes its output."""
 
 
-# ======================================================================================================
-# Commands
-# ======================================================================================================
 def accelerate_config(config: str | os.PathLike | None = None) -> Path:
     """The Accelerate config file to launch with.
 
@@ -111,11 +96,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def cli_command(args: Sequence[str]) -> list[str]:
-    """``[python, "-m", "smoltulu_utils", *args]``: the kit's command line in this interpreter."""
-    return [sys.executable, "-m", "smoltulu_utils", *map(str, args)]
-
-
 def launch_command(
     args: Sequence[str],
     num_processes: int,
@@ -147,9 +127,6 @@ def launch_command(
     ]
 
 
-# ======================================================================================================
-# Running
-# ======================================================================================================
 def _child_env(env: Mapping[str, str] | None) -> dict[str, str]:
     """This process's environment, ``env`` on top, unbuffered output, and this kit first on the path."""
     child = {**os.environ, **(env or {})}
@@ -194,21 +171,20 @@ def run_stage(
     timeout: float | None = None,
     tail_lines: int = TAIL_LINES,
 ) -> subprocess.CompletedProcess:
-    """Run ``python -m smoltulu_utils <args>`` as a subprocess, under ``accelerate launch`` when ``num_processes > 1``.
+    """Run ``python -m smoltulu_utils <args>`` as a subprocess, under ``accelerate launch`` when ``num_processes > 1``
+    or with a ``config`` (a DeepSpeed or FSDP file, which Accelerate must set up even for one process).
 
-    One process without a ``config`` runs the command line as it would run in a terminal; more
-    processes, or a ``config`` (a DeepSpeed or FSDP file, which Accelerate must set up even for one
-    process), run :func:`launch_command`. stdout and stderr are merged and
-    streamed to ``sys.stdout`` as they arrive (``echo=False``: only kept), so a notebook shows the
-    progress. ``env`` adds environment variables; ``timeout`` (seconds) stops the run and everything it
-    started. Returns the ``CompletedProcess`` (``stdout``: the whole output) of a run that exited with
-    status 0; otherwise raises :class:`LaunchError` quoting the last ``tail_lines`` lines of the output.
-    An interrupt (a notebook's stop button) stops the processes before it propagates.
+    The merged stdout and stderr stream to ``sys.stdout`` as they arrive (``echo=False``: only kept).
+    ``env`` adds environment variables; ``timeout`` (seconds) stops the run and everything it started,
+    as does an interrupt (a notebook's stop button). Returns the ``CompletedProcess`` (``stdout``: the
+    whole output) of a run that exited with 0; otherwise raises :class:`LaunchError` quoting the last
+    ``tail_lines`` lines of the output.
     """
     args = [str(a) for a in args]
     launched = int(num_processes) != 1 or config is not None
-    command = launch_command(args, num_processes, config) if launched else cli_command(args)
+    command = [sys.executable, "-m", "smoltulu_utils", *args]
     if launched:
+        command = launch_command(args, num_processes, config)
         env = {**(env or {}), LAUNCHED_ENV: "1"}
     started = time.monotonic()
     try:
@@ -257,23 +233,17 @@ def run_stage(
             timer.cancel()
         process.stdout.close()
     output = "".join(chunks)
-    if timed_out.is_set():
+    if timed_out.is_set() or returncode != 0:
+        why = f"failed with exit status {returncode} after {time.monotonic() - started:.0f} s"
+        if timed_out.is_set():
+            why = f"was stopped after {timeout:g} s"
         raise LaunchError(
-            f"`{shlex.join(command)}` was stopped after {timeout:g} s; the last lines of its output:\n"
-            + output_tail(output, tail_lines)
-        )
-    if returncode != 0:
-        raise LaunchError(
-            f"`{shlex.join(command)}` failed with exit status {returncode} after "
-            f"{time.monotonic() - started:.0f} s; the last lines of its output:\n"
+            f"`{shlex.join(command)}` {why}; the last lines of its output:\n"
             + output_tail(output, tail_lines)
         )
     return subprocess.CompletedProcess(command, returncode, stdout=output)
 
 
-# ======================================================================================================
-# Recording batches
-# ======================================================================================================
 def example_hash(token_ids: Iterable[int]) -> str:
     """A short fingerprint of one example's token ids (the same ids give the same hash everywhere)."""
     return hashlib.sha1(array("q", [int(t) for t in token_ids]).tobytes()).hexdigest()[:16]
@@ -282,11 +252,8 @@ def example_hash(token_ids: Iterable[int]) -> str:
 def example_index(
     rows: Iterable[Mapping], tokenizer: PreTrainedTokenizerBase, max_length: int
 ) -> dict[str, list[dict[str, Any]]]:
-    """``{example_hash: [{"row": index, "id": row id}, ...]}`` for the rows an SFT run would train on.
-
-    The rows are tokenized as :func:`smoltulu_utils.sft.prepare_sft_rows` tokenizes them for training,
-    so a recorded batch can name the rows it held; identical conversations share one hash.
-    """
+    """``{example_hash: [{"row": index, "id": row id}, ...]}`` for the rows an SFT run would train on,
+    tokenized as :func:`smoltulu_utils.sft.prepare_sft_rows` does, so a recorded batch can name its rows."""
     from .sft import prepare_sft_rows
 
     rows = list(rows)
@@ -302,11 +269,8 @@ def example_index(
 
 
 def _examples(kwargs: Mapping[str, Any]) -> list[list[int]]:
-    """The token ids of each example in a model call's inputs, without padding.
-
-    Padded batches: the tokens under the attention mask, row by row. Padding-free batches (one row with
-    ``position_ids`` that restart at 0 for each example): the row cut where the positions restart.
-    """
+    """The token ids of each example in a model call's inputs, without padding: the tokens under the
+    attention mask, or in a padding-free row the pieces where ``position_ids`` restart at 0."""
     input_ids = kwargs.get("input_ids")
     if input_ids is None:
         return []
@@ -326,24 +290,15 @@ def batch_recorder(
 ) -> TrainerCallback:
     """A ``TrainerCallback`` that records the examples of every training micro-batch of this process.
 
-    It hooks the model's forward pass, so it sees exactly what was trained on, and at the end of
-    training writes ``folder/batches_rank{R}.json`` (R: this process's rank)::
-
-        {"rank": 0, "world_size": 2, "per_device_batch_size": 4, "gradient_accumulation_steps": 1,
-         "batches": [{"step": 1, "micro_batch": 0,
-                      "examples": [{"hash": "9f1c...", "tokens": 41, "row": 7, "id": "kit_sft_007"}, ...]},
-                     ...]}
-
-    ``step`` is the optimizer step the micro-batch belongs to (from 1), ``micro_batch`` its place in the
-    gradient accumulation. ``index`` (:func:`example_index`) adds each example's row number and id.
-    Forward passes in evaluation are not recorded.
+    It hooks the model's forward pass (training only), and at the end of training writes
+    ``folder/batches_rank{R}.json``: rank, world size, batch sizes, steps, and ``batches``, each with its
+    optimizer ``step`` (from 1), its ``micro_batch`` in the accumulation and its ``examples`` (hash,
+    tokens, and with ``index`` (:func:`example_index`) the row number and id).
     """
     from transformers import TrainerCallback
 
     class BatchRecorder(TrainerCallback):
         def __init__(self) -> None:
-            self.folder = Path(folder)
-            self.index = index or {}
             self.batches: list[dict[str, Any]] = []
             self._handle = None
             self._state = None
@@ -357,7 +312,7 @@ def batch_recorder(
             examples = []
             for ids in _examples(kwargs):
                 digest = example_hash(ids)
-                found = self.index.get(digest, [{}])[0]
+                found = (index or {}).get(digest, [{}])[0]
                 examples.append({"hash": digest, "tokens": len(ids), **found})
             self.batches.append({"step": step, "micro_batch": micro, "examples": examples})
 
@@ -380,7 +335,7 @@ def batch_recorder(
                 "steps": int(state.global_step),
                 "batches": self.batches,
             }
-            path = self.folder / BATCHES_FILE.format(rank=record["rank"])
+            path = Path(folder) / BATCHES_FILE.format(rank=record["rank"])
             with atomic_open(path) as handle:
                 json.dump(record, handle, indent=1)
 

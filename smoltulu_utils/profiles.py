@@ -1,28 +1,21 @@
 """Profiles: the one size dial that turns a recipe into a plan this machine can run.
 
 A profile changes *size* (model, data, steps, sequence length, per-device batch), never the recipe's
-effective batch size, so the learning rate to batch size ratio the paper studies is kept on every
-machine. ``resolve`` solves
-
-    effective batch = per-device batch x gradient accumulation x processes
-
-for the hardware at hand and prints what it chose and why::
-
-    plan = resolve("dpo_1130", profile="auto")   # CPU -> smoke, one GPU -> single_gpu, several -> paper
-
-The three profiles live here in code rather than in a YAML file: they are a handful of numbers read
-together with the solver below, the types are checked once by the dataclass, and ``recipes/`` then
-holds only training recipes. Make a variant with ``get_profile("smoke").replace(max_steps=10)``.
+effective batch size, so the LR/BS ratio the paper studies is kept on every machine: ``resolve`` solves
+``effective batch = per-device batch x gradient accumulation x processes`` for the hardware at hand and
+says what it chose and why (``resolve("dpo_1130", profile="auto")``: CPU -> smoke, one GPU ->
+single_gpu, a big node -> paper). The three profiles are a handful of numbers read together with the
+solver, so they live here in code; make a variant with ``get_profile("smoke").replace(max_steps=10)``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import did_you_mean
 from .hardware import Hardware, detect_hardware
 from .paths import FIXTURES_DIR, mirror_dir
 from .recipes import Recipe, RecipeError, RLVRRecipe, load_recipe
@@ -52,6 +45,15 @@ class Profile:
     eval_limit: int | None  # items per benchmark; None: all
     eval_max_gen_toks: int | None = None  # cap on generated tokens in evaluation; None: each task's own
     max_episodes: int | None = None  # cap on an RLVR recipe's num_episodes; None: the recipe's
+    eval_benchmarks: tuple[str, ...] | None = None  # what notebooks 02 and 03 score checkpoints on; None: all
+    eval_stages: tuple[str, ...] | None = None  # stages whose checkpoints notebook 06 scores; None: all
+    stage_max_steps: tuple[
+        tuple[str, int], ...
+    ] = ()  # (stage, steps) pairs in place of the profile's max_steps
+
+    def steps_for(self, stage: str) -> int | None:
+        """The optimiser steps (RLVR: iterations) a run of ``stage`` takes: its own cap, else ``max_steps``."""
+        return dict(self.stage_max_steps).get(stage, self.max_steps)
 
     def __post_init__(self) -> None:
         if self.data not in DATA_SOURCES:
@@ -64,7 +66,9 @@ class Profile:
             raise ValueError(f"profile {self.name}: max_episodes must be at least 1 (None: the recipe's)")
 
     def replace(self, **changes: Any) -> Profile:
-        """A copy with ``changes`` applied."""
+        """A copy with ``changes`` applied; a new ``max_steps`` holds for every stage (drops the stage caps)."""
+        if "max_steps" in changes:
+            changes.setdefault("stage_max_steps", ())
         return dataclasses.replace(self, **changes)
 
 
@@ -83,6 +87,9 @@ PROFILES: dict[str, Profile] = {
         report_to="none",
         eval_limit=4,
         eval_max_gen_toks=96,  # IFEval allows 1,280 new tokens: minutes per item on 2 cores
+        eval_benchmarks=("arc", "hellaswag", "piqa"),  # loglikelihood only: seconds per checkpoint
+        eval_stages=("sft", "dpo"),  # a 1-iteration RLVR run is not worth minutes of CPU generation
+        stage_max_steps=(("dpo", 1),),  # one step of DPO-1207's 32 pairs already takes a minute on 2 cores
     ),
     "single_gpu": Profile(
         name="single_gpu",
@@ -124,10 +131,9 @@ def get_profile(name: str | Profile) -> Profile:
     if isinstance(name, Profile):
         return name
     if name not in PROFILES:
-        hint = difflib.get_close_matches(str(name), list(PROFILES), n=1)
         raise ValueError(
             f"unknown profile {name!r}; use 'auto' or one of {', '.join(PROFILES)}"
-            + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            + did_you_mean(name, PROFILES)
         )
     return PROFILES[name]
 
@@ -137,22 +143,18 @@ PAPER_MIN_GPUS = 4
 PAPER_MIN_GPU_GIB = 40
 
 
-def pick_profile(hardware: Hardware) -> str:
-    """The profile ``auto`` means on ``hardware``.
+def auto_profile_name(hardware: Hardware | None = None) -> str:
+    """The profile ``auto`` means on ``hardware`` (default: this machine).
 
     ``paper`` on a node of at least 4 CUDA GPUs with 40 GiB or more each (full fine-tuning of
     SmolLM2-1.7B at the paper's lengths); ``single_gpu`` on any other CUDA machine (a Colab T4, two
     consumer GPUs: LoRA where memory needs it); ``smoke`` on a CPU or MPS (fp32 only, too slow for 1.7B).
     """
+    hardware = hardware or detect_hardware()
     if hardware.device != "cuda":
         return "smoke"
     big = (hardware.memory_gib or 0) >= PAPER_MIN_GPU_GIB
     return "paper" if hardware.n_devices >= PAPER_MIN_GPUS and big else "single_gpu"
-
-
-def auto_profile_name(hardware: Hardware | None = None) -> str:
-    """The profile ``auto`` resolves to on ``hardware`` (default: this machine)."""
-    return pick_profile(hardware or detect_hardware())
 
 
 def data_mirror(profile: str | Profile) -> Path | None:
@@ -210,10 +212,7 @@ class Plan:
 
     def __post_init__(self) -> None:
         formed = self.per_device_batch_size * self.gradient_accumulation_steps * self.num_processes
-        if (
-            formed != self.effective_batch_size
-            or self.effective_batch_size != self.recipe.effective_batch_size
-        ):
+        if formed != self.effective_batch_size or formed != self.recipe.effective_batch_size:
             raise RecipeError(
                 self.recipe.path,
                 "effective_batch_size",
@@ -270,13 +269,6 @@ class Plan:
         return out
 
 
-def _episode_note(recipe: RLVRRecipe, episodes: int, num_processes: int) -> str:
-    """How many PPO iterations the capped episodes make, against the recipe's."""
-    rollout = recipe.rollout_batch_size * num_processes
-    recipe_iterations = recipe.num_episodes // rollout
-    return f" ({episodes // rollout:,} iterations of {rollout} rollouts instead of {recipe_iterations:,})"
-
-
 def _apply_caps(recipe: Recipe, profile: Profile, num_processes: int = 1) -> tuple[Recipe, list[str]]:
     """The recipe with the profile's size caps applied, and a note for each change (an RLVR rollout batch
     is per process, so ``max_steps`` iterations take ``max_steps * rollout_batch_size * num_processes`` episodes)."""
@@ -290,15 +282,19 @@ def _apply_caps(recipe: Recipe, profile: Profile, num_processes: int = 1) -> tup
                     changes[key] = profile.max_length // 2
         if profile.model and recipe.reward_model != profile.model:  # the value model starts from it
             changes["reward_model"] = profile.model
-        steps = profile.max_steps and profile.max_steps * recipe.rollout_batch_size * num_processes
+        steps = profile.steps_for(recipe.stage)
+        steps = steps and steps * recipe.rollout_batch_size * num_processes
         cap = min((c for c in (profile.max_episodes, steps) if c), default=None)
         if cap and cap < recipe.num_episodes:
             changes["num_episodes"] = cap
     notes = [
         f"{key} capped from {getattr(recipe, key)} to {value} by the {profile.name} profile"
-        + (_episode_note(recipe, value, num_processes) if key == "num_episodes" else "")
         for key, value in changes.items()
     ]
+    if "num_episodes" in changes:  # how many PPO iterations the capped episodes make, against the recipe's
+        rollout = recipe.rollout_batch_size * num_processes
+        iterations = changes["num_episodes"] // rollout, recipe.num_episodes // rollout
+        notes[-1] += f" ({iterations[0]:,} iterations of {rollout} rollouts instead of {iterations[1]:,})"
     return (recipe.replace(**changes) if changes else recipe), notes
 
 
@@ -336,7 +332,7 @@ def resolve(
         lr_bs_ratio=recipe.lr_bs_ratio,
         dtype=hardware.dtype,
         max_length=capped.max_length,
-        max_steps=prof.max_steps,
+        max_steps=prof.steps_for(recipe.stage),
         model=prof.model or recipe.model,
         data=prof.data,
         max_train_samples=prof.max_train_samples,
@@ -357,11 +353,8 @@ def plan_table(
     hardware: Hardware | None = None,
     num_processes: int | None = None,
 ):
-    """One row per recipe: how its effective batch is formed here, or why it cannot be (``problem``).
-
-    A recipe whose batch cannot be split over the processes does not stop the others: its row carries
-    the error message, which says which process counts would work.
-    """
+    """One row per recipe: how its effective batch is formed here, or in ``problem`` why it cannot be
+    (the error message, which says which process counts would work)."""
     import pandas as pd
 
     from .recipes import list_recipes

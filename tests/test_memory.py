@@ -15,16 +15,13 @@ from smoltulu_utils.memory import (
     KNOWN_SHAPES,
     MemoryDoesNotFitError,
     MemoryPlanError,
-    estimate_for_shape,
     estimate_hours,
-    estimate_memory,
     estimate_stage,
     lora_config,
     model_shape,
     plan_memory,
     plan_memory_from,
     qlora_quantization_config,
-    readme_section,
     zero3_gpus,
 )
 from smoltulu_utils.paths import KIT_ROOT
@@ -60,9 +57,7 @@ def test_shape_from_a_transformers_config_and_a_model(tiny_model):
 
 
 def test_full_fine_tuning_takes_16_bytes_per_parameter_plus_activations():
-    parts = estimate_for_shape(
-        KNOWN_SHAPES[SMOLLM2_17B], max_length=4096, per_device_batch=1, dtype="bf16", method="full"
-    )
+    parts = estimate_stage(SMOLLM2_17B, max_length=4096, per_device_batch=1, dtype="bf16", method="full")
     assert set(parts) == PARTS
     n = KNOWN_SHAPES[SMOLLM2_17B].parameters / 2**30
     assert parts["weights"] + parts["gradients"] + parts["optimizer"] == pytest.approx(16 * n)
@@ -72,7 +67,7 @@ def test_full_fine_tuning_takes_16_bytes_per_parameter_plus_activations():
 def test_estimates_grow_with_length_and_batch():
     def total(**kw):
         settings = {"max_length": 1024, "per_device_batch": 1, "dtype": "bf16", "method": "lora"} | kw
-        return estimate_for_shape(KNOWN_SHAPES[SMOLLM2_17B], **settings)
+        return estimate_stage(SMOLLM2_17B, **settings)
 
     for method in ("full", "lora", "qlora"):
         base = total(method=method)
@@ -82,18 +77,13 @@ def test_estimates_grow_with_length_and_batch():
         assert base["total"] < longer["total"] and base["total"] < bigger["total"]
         assert longer["weights"] == base["weights"]  # weights do not depend on the data
     with_ckpt = total(max_length=4096, per_device_batch=4)
-    without = estimate_for_shape(
-        KNOWN_SHAPES[SMOLLM2_17B], max_length=4096, per_device_batch=4, dtype="bf16", method="lora",
-        gradient_checkpointing=False,
-    )  # fmt: skip
+    without = total(max_length=4096, per_device_batch=4, gradient_checkpointing=False)
     assert without["activations"] > 5 * with_ckpt["activations"]
 
 
 def test_methods_shrink_weights_in_order():
     kw = {"max_length": 2048, "per_device_batch": 1, "dtype": "bf16"}
-    full, lora, qlora = (
-        estimate_for_shape(KNOWN_SHAPES[SMOLLM2_17B], method=m, **kw) for m in ("full", "lora", "qlora")
-    )
+    full, lora, qlora = (estimate_stage(SMOLLM2_17B, method=m, **kw) for m in ("full", "lora", "qlora"))
     assert full["weights"] > lora["weights"] > qlora["weights"]
     assert qlora["weights"] < 0.4 * lora["weights"]  # 4-bit blocks, 16-bit embedding
     assert lora["optimizer"] < 0.1 * full["optimizer"]  # only the adapters have AdamW states
@@ -146,17 +136,11 @@ def test_planner_refuses_with_a_clear_error_when_asked():
 
 def test_bad_inputs_are_refused():
     with pytest.raises(MemoryPlanError, match="method"):
-        estimate_memory(
-            1, max_length=1, per_device_batch=1, dtype="bf16", method="ia3", gradient_checkpointing=True,
-            n_layers=1, hidden_size=1, vocab_size=1,
-        )  # fmt: skip
+        estimate_stage(SMOLLM2_17B, max_length=1, per_device_batch=1, dtype="bf16", method="ia3")
     with pytest.raises(MemoryPlanError, match="dtype"):
         plan_memory(SMOLLM2_17B, 4096, 1, "int8", 24)
-    with pytest.raises(MemoryPlanError, match="trainable_params"):
-        estimate_memory(
-            10, max_length=1, per_device_batch=1, dtype="bf16", method="lora", gradient_checkpointing=True,
-            n_layers=1, hidden_size=1, vocab_size=1,
-        )  # fmt: skip
+    with pytest.raises(MemoryPlanError, match="positive"):
+        estimate_stage(SMOLLM2_17B, max_length=0, per_device_batch=1, dtype="bf16", method="lora")
 
 
 def test_lora_config_follows_open_instruct_defaults():
@@ -208,13 +192,6 @@ PPO_LENGTHS = {"prompt_length": 1024, "response_length": 1024, "rollout_batch": 
 def stage_estimate(stage, method="full", **kw):
     settings = {"max_length": 2048, "per_device_batch": 4, "dtype": "bf16", "method": method} | kw
     return estimate_stage(SMOLLM2_17B, stage=stage, **settings)
-
-
-def test_sft_stage_is_the_old_estimate():
-    for method in ("full", "lora", "qlora"):
-        assert stage_estimate("sft", method) == estimate_for_shape(
-            KNOWN_SHAPES[SMOLLM2_17B], max_length=2048, per_device_batch=4, dtype="bf16", method=method
-        )
 
 
 def test_dpo_live_reference_holds_a_frozen_copy_a_cached_one_does_not():
@@ -348,10 +325,23 @@ def test_hours_follow_flops_and_the_gpu():
 
 
 # -- the README table --------------------------------------------------------------------------------
+def memory_table_script():
+    """``benchmarks/memory_table.py``, the script that prints the README's memory table, as a module."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(
+        "memory_table_script", KIT_ROOT / "benchmarks" / "memory_table.py"
+    )
+    script = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
 def test_readme_memory_section_is_what_the_planner_prints_today():
     """The README's "Memory and time per GPU" section is computed, never typed: regenerate it with
     ``python benchmarks/memory_table.py --update README.md`` after changing the planner."""
-    section = readme_section()
+    section = memory_table_script().readme_section()
     readme = (KIT_ROOT / "README.md").read_text(encoding="utf-8")
     assert section.startswith("## Memory and time per GPU\n")
     for stage in ("SFT-1130/1207 1.7B", "DPO-1130/1207 1.7B", "RM-1130/1207 1.7B", "RLVR PPO 1.7B", "135M"):
@@ -363,13 +353,7 @@ def test_readme_memory_section_is_what_the_planner_prints_today():
 
 
 def test_memory_table_script_replaces_only_its_section():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "memory_table_script", KIT_ROOT / "benchmarks" / "memory_table.py"
-    )
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = memory_table_script()
     text = "# Kit\n\n## Memory and time per GPU\n\nold table\n\n## Recipes\n\nkept\n"
     assert script.replace_section(text, "## Memory and time per GPU\n\nnew") == (
         "# Kit\n\n## Memory and time per GPU\n\nnew\n\n## Recipes\n\nkept\n"

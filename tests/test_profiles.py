@@ -9,15 +9,14 @@ import pytest
 from smoltulu_utils.hardware import (
     cuda_supports_bf16,
     detect_hardware,
+    explain_dtype,
     hardware_from_facts,
     hardware_report,
-    pick_dtype,
 )
 from smoltulu_utils.profiles import (
     PROFILES,
     auto_profile_name,
     get_profile,
-    pick_profile,
     resolve,
     split_batch,
 )
@@ -45,21 +44,21 @@ MACHINES = {"cpu": CPU, "mps": MPS, "t4": T4, "a100": A100, "h100x8": H100_X8, "
         ("cuda", (9, 0), "bf16"),  # H100
     ],
 )
-def test_pick_dtype(device, cc, dtype):
-    assert pick_dtype(device, cc) == dtype
+def test_explain_dtype(device, cc, dtype):
+    assert explain_dtype(device, cc)[0] == dtype
 
 
 def test_dtype_facts_and_errors():
     assert not cuda_supports_bf16((7, 5)) and cuda_supports_bf16((8, 0))
     assert (T4.bf16_supported, A100.bf16_supported, CPU.bf16_supported) == (False, True, False)
     assert "7.5 < 8.0" in T4.dtype_reason and "CPU" in CPU.dtype_reason
-    assert pick_dtype("cuda", (9, 0), override="fp32") == "fp32"
+    assert explain_dtype("cuda", (9, 0), override="fp32") == ("fp32", "asked for explicitly")
     with pytest.raises(ValueError, match="compute capability"):
-        pick_dtype("cuda")
+        explain_dtype("cuda")
     with pytest.raises(ValueError, match="unknown device"):
-        pick_dtype("tpu")
+        explain_dtype("tpu")
     with pytest.raises(ValueError, match="unknown dtype"):
-        pick_dtype("cpu", override="fp8")
+        explain_dtype("cpu", override="fp8")
 
 
 def test_detect_hardware_on_this_machine():
@@ -95,7 +94,7 @@ def test_hardware_report():
 )
 def test_auto_profile(machine, profile):
     hw = MACHINES[machine]
-    assert pick_profile(hw) == profile == auto_profile_name(hw)
+    assert auto_profile_name(hw) == profile
     assert resolve("sft_1207", "auto", hardware=hw, verbose=False).profile == profile
 
 
@@ -272,3 +271,11 @@ def test_an_rlvr_plan_says_its_rollouts_are_per_process():
     text = resolve("rlvr_ppo", "smoke", num_processes=2, verbose=False).describe()
     assert "32 rollouts and a minibatch of 32 per process x 2 processes = 64 prompts per iteration" in text
     assert "effective batch 32 = " not in text
+
+
+def test_a_profile_caps_one_stage_below_its_max_steps_until_max_steps_is_set():
+    smoke = get_profile("smoke")
+    assert resolve("dpo_1130", smoke, hardware=CPU, verbose=False).max_steps == 1
+    assert resolve("sft_1130", smoke, hardware=CPU, verbose=False).max_steps == smoke.max_steps == 2
+    assert resolve("dpo_1130", smoke.replace(max_steps=5), hardware=CPU, verbose=False).max_steps == 5
+    assert smoke.replace(model="tiny").steps_for("dpo") == 1
