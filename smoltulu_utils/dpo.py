@@ -6,42 +6,22 @@
     result = train_dpo(plan, "runs/dpo_1130", parent="runs/sft_1130")
     result.curves["margins"][-1], result.reference  # (step, margin); {"found": "hit", "forward_passes": 0, ...}
 
-The loss
---------
-Tulu 3 trains with ``dpo_norm``: the DPO loss on *length-normalised* log-probabilities. With
-``pi(y|x)`` and ``ref(y|x)`` the summed log-probabilities of a reply under the policy and the frozen
-reference, ``|y|`` its token count, and chosen ``c`` / rejected ``r``::
+Tulu 3's ``dpo_norm`` is the DPO loss on length-normalised log-probabilities, TRL's ``sigmoid_norm``
+(:data:`TRL_LOSS_TYPES`; ``tests/test_dpo.py`` checks it against the formula computed from the logits)::
 
     margin = (pi(c|x) - ref(c|x)) / |c|  -  (pi(r|x) - ref(r|x)) / |r|
     loss   = -log sigmoid(beta * margin)            (beta = 5 in Tulu 3)
 
-TRL implements exactly this as ``loss_type="sigmoid_norm"`` (plain ``dpo`` is ``"sigmoid"``); the kit maps
-the recipe's name to TRL's in :data:`TRL_LOSS_TYPES`, and ``tests/test_dpo.py`` checks the loss against
-this formula computed by hand from the model's logits.
-
-Reference log-probabilities
----------------------------
-The trainer always precomputes the reference log-probs in one pass before training (TRL's
-``precompute_ref_log_probs``), from the starting model itself, so no second model is held in memory;
-and the kit keeps them on disk (:mod:`smoltulu_utils.reference_cache`), keyed by the reference weights,
-the tokenized pairs, the tokenizer and template, and the length settings. A later run with the same key
-(every cell of a DPO learning-rate x batch-size sweep) reads them and runs no reference forward pass
-at all; ``trainer.reference_forward_passes`` counts them. Pass ``reference_cache=None`` for TRL's own
-behaviour. Sharded runs compute them as TRL does: under DeepSpeed the starting model runs in one
-DeepSpeed inference engine (ZeRO-3 gathers each layer for its forward), under FSDP an FSDP-wrapped copy
-of it does; a ZeRO-3-partitioned model's weights are gathered to be hashed, so a 2-process run and a
-1-process run share one cache entry (``tests/test_scale_out.py`` checks both on two CPU processes).
-
-What is written by hand here: the loss-name mapping, the disk cache (override of one TRL method),
-the implicit-reward accuracy that counts ties as half (:func:`pair_rewards`), and the run's bookkeeping
-(manifest, parent check, results).
+The reference log-probs are computed once, before training, from the starting model (TRL's
+``precompute_ref_log_probs``), and kept on disk (:mod:`smoltulu_utils.reference_cache`), so a later run
+with the same key (every cell of a learning-rate x batch-size sweep) runs no reference forward pass.
+Sharded runs compute them as TRL does (a DeepSpeed inference engine, an FSDP-wrapped copy). Written by
+hand: the loss-name mapping, the disk cache (one TRL method overridden), and the implicit-reward
+accuracy that counts ties as half (:func:`pair_rewards`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,11 +30,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from trl import DPOTrainer
 
-from .chat_template import doctor, template_fingerprint
+from .chat_template import template_fingerprint
 from .errors import KitError
 from .lm_head import use_plain_lm_head
-from .manifest import MANIFEST_NAME, check_parent, read_manifest, write_manifest
-from .preferences import PreferenceDataReport, prepare_preference_rows
+from .preferences import prepare_preference_rows
 from .recipes import DPORecipe
 from .reference_cache import (
     ReferenceCache,
@@ -63,16 +42,7 @@ from .reference_cache import (
     is_zero3_partitioned,
     module_fingerprint,
 )
-from .training import (
-    check_world_size,
-    data_entry,
-    full_precision,
-    log_history,
-    save_trained_model,
-    stage_load_kwargs,
-    trainer_settings,
-    training_method,
-)
+from .training import StageResult, describe_batch, log_history, start_stage, trainer_settings
 
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
@@ -304,16 +274,14 @@ def pair_rewards(trainer: DPOTrainer, dataset: datasets.Dataset | None = None) -
     )
     for batch in loader:
         batch = trainer._prepare_inputs(batch)
-        counted = trainer.reference_forward_passes if isinstance(trainer, KitDPOTrainer) else None
         # TRL's reference pass turns a PEFT model's adapters off when there is no separate reference
-        # model; naming the policy as the reference keeps them on, so these are the policy's log-probs.
+        # model; naming the policy as the reference keeps them on, so these are the policy's log-probs
+        # (the base method: a policy pass is not counted in reference_forward_passes).
         reference, trainer.ref_model = trainer.ref_model, model
         try:
             policy = DPOTrainer.compute_ref_log_probs(trainer, model, batch)
         finally:
             trainer.ref_model = reference
-        if counted is not None:
-            trainer.reference_forward_passes = counted
         lengths = batch["completion_mask"][..., 1:].sum(dim=1).float().chunk(2)
         for i, side in enumerate(("chosen", "rejected")):
             delta = policy[i].float() - batch[f"ref_{side}_logps"].float()
@@ -324,50 +292,20 @@ def pair_rewards(trainer: DPOTrainer, dataset: datasets.Dataset | None = None) -
     return {"chosen": chosen, "rejected": rejected, "accuracy": accuracy}
 
 
-# ======================================================================================================
-# The stage
-# ======================================================================================================
 @dataclass
-class DPOResult:
+class DPOResult(StageResult):
     """What one DPO run did; histories are ``(optimizer step, value)`` from TRL's logs."""
 
-    output_dir: Path
-    steps: int
-    train_loss: list[tuple[int, float]]
-    final_train_loss: float | None
-    curves: dict[str, list[tuple[int, float]]]  # TRL's rewards/{chosen,rejected,margins,accuracies} per step
-    eval_loss: float | None  # the DPO loss on the held-out pairs after training
-    eval_accuracy: float | None  # held-out pair accuracy after training (ties count one half)
-    eval_accuracy_before: float | None
-    tokens_seen: int  # non-padding tokens of every chosen and rejected sequence trained on
-    wall_seconds: float
-    learning_rate: float
-    effective_batch_size: int
-    loss_type: str
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # TRL's rewards/<name> per step
+    eval_loss: float | None = None  # the DPO loss on the held-out pairs after training
+    eval_accuracy: float | None = None  # held-out pair accuracy after training (ties count one half)
+    eval_accuracy_before: float | None = None
+    tokens_seen: int = 0  # non-padding tokens of every chosen and rejected sequence trained on
+    loss_type: str = "dpo_norm"
     reference: dict[str, Any] = field(default_factory=dict)  # cache key/file/lookup, forward passes
-    data_report: PreferenceDataReport | None = None
-    notes: list[str] = field(default_factory=list)
 
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["output_dir"] = str(self.output_dir)
-        out["data_report"] = self.data_report.to_dict() if self.data_report else None
-        return out
-
-
-def check_sft_parent(folder: Path, tokenizer: Any) -> list[str]:
-    """Check a parent checkpoint folder for DPO: kit manifest, same tokenizer/template, an SFT stage."""
-    notes = []
-    check_parent(folder, tokenizer)
-    stage = read_manifest(folder).get("stage")
-    if stage not in ("sft", "dpo"):
-        raise DPOError(
-            f"{folder} is a '{stage}' checkpoint; DPO starts from an SFT checkpoint. "
-            "Pass the folder an SFT run saved (for example runs/sft_1130)."
-        )
-    if stage == "dpo":
-        notes.append(f"parent {folder} is itself a DPO checkpoint: training continues from it")
-    return notes
+    def training_curves(self) -> dict[str, list[tuple[int, float]]]:
+        return {"train_loss": self.train_loss, **{f"rewards/{k}": v for k, v in self.curves.items()}}
 
 
 def train_dpo(
@@ -388,55 +326,32 @@ def train_dpo(
 ) -> DPOResult:
     """Run the DPO stage of ``plan`` and save model, tokenizer and ``manifest.json`` in ``output_dir``.
 
-    The model and tokenizer come from ``parent`` (a kit SFT checkpoint, whose manifest is checked: same
-    tokenizer and template, stage ``sft``; or a Hub id / ``"bundled"``), else from ``plan.model``. Rows
-    default to ``load_rows(recipe.dataset)`` from the profile's data. Bad pairs are skipped and reported;
-    no usable pair raises :class:`~smoltulu_utils.preferences.PreferenceDataError`. The reference
-    log-probs come from the cache when their key matches (``result.reference``). Full fine-tuning trains
-    float32 weights whatever the checkpoint's dtype; ``peft_config`` (LoRA), ``quantization_config``
-    (QLoRA) or the memory plan choose adapters, merged into the saved model (as in
-    :func:`~smoltulu_utils.sft.train_sft`). A tokenizer without a chat template gets the kit's.
+    The stage skeleton (:func:`~smoltulu_utils.training.start_stage`) loads the tokenizer and model from
+    ``parent`` (a kit SFT or DPO checkpoint, whose manifest is checked, or a Hub id) or ``plan.model``,
+    and picks full fine-tuning (float32), LoRA (``peft_config``) or QLoRA (``quantization_config``),
+    as :func:`~smoltulu_utils.sft.train_sft` does. Rows default to the recipe's dataset; bad pairs are
+    skipped and reported, and no usable pair raises :class:`~smoltulu_utils.preferences.PreferenceDataError`.
+    The reference log-probs come from the cache when their key matches (``result.reference``).
     """
-    from .data import load_rows
-    from .models import adapt_tokenizer, load_model, load_tokenizer, match_model_to_tokenizer
-    from .profiles import data_mirror
-
     recipe = plan.recipe
-    if not isinstance(recipe, DPORecipe):
-        raise DPOError(f"train_dpo needs a plan for a DPO recipe, got stage {recipe.stage!r} ({recipe.name})")
-    check_world_size(plan)
-    output_dir = Path(output_dir)
-    source = str(parent) if parent is not None else plan.model
-    folder = Path(source).expanduser()
-    is_checkpoint = folder.is_dir() and (folder / MANIFEST_NAME).is_file()
-    adapted: list[str] = []
-    if tokenizer is None:
-        tokenizer = load_tokenizer(source)
-        adapted = adapt_tokenizer(tokenizer)  # a base model's tokenizer gets the kit's chat template
-    notes: list[str] = []
-    if folder.is_dir() and (parent is not None or is_checkpoint):
-        notes += check_sft_parent(folder, tokenizer)
-    elif model is None:
-        notes.append(f"starting from {source}, not a kit SFT checkpoint: no manifest to check")
-    doctor(tokenizer).raise_for_problems()
-    chosen = training_method(
-        plan, peft_config, model_given=model is not None, quantization_config=quantization_config
+    run = start_stage(
+        plan, DPORecipe, output_dir, caller="train_dpo", error=DPOError, tokenizer=tokenizer, parent=parent
     )
-    notes += chosen.notes
-    if model is None:
-        model = load_model(source, **stage_load_kwargs(chosen, source))
-    if chosen.method == "full" and (cast := full_precision(model)):
-        notes.append(cast)
-    if adapted:
-        adapted += match_model_to_tokenizer(model, tokenizer)
-        notes.append("tokenizer adapted: " + "; ".join(adapted))
-
-    given = rows is not None
-    if rows is None:
-        rows = load_rows(
-            recipe.dataset, mirror=data_mirror(plan.profile), limit=plan.max_train_samples, validate=False
-        )
-    train_dataset, report = prepare_preference_rows(rows, tokenizer, plan.max_length, drop_too_long=False)
+    tokenizer, output_dir, notes = run.tokenizer, run.output_dir, run.notes
+    if run.parent_manifest is not None:
+        if run.parent_stage not in ("sft", "dpo"):
+            raise DPOError(
+                f"{run.source} is a '{run.parent_stage}' checkpoint; DPO starts from an SFT checkpoint. "
+                "Pass the folder an SFT run saved (for example runs/sft_1130)."
+            )
+        if run.parent_stage == "dpo":
+            notes.append(f"parent {run.source} is itself a DPO checkpoint: training continues from it")
+    elif model is None:
+        notes.append(f"starting from {run.source}, not a kit SFT checkpoint: no manifest to check")
+    model = run.load_model(model, peft_config=peft_config, quantization_config=quantization_config)
+    train_dataset, report = prepare_preference_rows(
+        run.rows(rows), tokenizer, plan.max_length, drop_too_long=False
+    )
     eval_dataset = None
     if eval_rows is not None:
         eval_dataset, eval_report = prepare_preference_rows(
@@ -453,7 +368,7 @@ def train_dpo(
         eval_dataset=eval_dataset,
         reference_cache=reference_cache,
         callbacks=callbacks,
-        peft_config=chosen.peft_config,
+        peft_config=run.chosen.peft_config,
         max_grad_norm=max_grad_norm,
     )
     main = trainer.is_world_process_zero()
@@ -462,78 +377,34 @@ def train_dpo(
         print(
             f"DPO {recipe.name}: {report.describe().splitlines()[0]}\n"
             f"  loss {recipe.loss_type} (TRL {TRL_LOSS_TYPES[recipe.loss_type]}), beta {recipe.beta:g}, "
-            f"effective batch {plan.effective_batch_size} = {plan.per_device_batch_size} x "
-            f"{plan.gradient_accumulation_steps} x {plan.num_processes}, LR {plan.learning_rate:g}; reference "
-            f"log-probs: {lookup.get('found', 'TRL precompute')} ({trainer.reference_forward_passes} forward passes)"
+            f"{describe_batch(plan)}, LR {plan.learning_rate:g}; reference log-probs: "
+            f"{lookup.get('found', 'TRL precompute')} ({trainer.reference_forward_passes} forward passes)"
         )
     before = float(pair_rewards(trainer)["accuracy"]) if eval_dataset is not None else None
-    start = time.perf_counter()
-    trainer.train()
-    wall = time.perf_counter() - start
+    wall = run.train(trainer)
     after = float(pair_rewards(trainer)["accuracy"]) if eval_dataset is not None else None
     eval_loss = float(trainer.evaluate()["eval_loss"]) if eval_dataset is not None else None
-
-    history = trainer.state.log_history
-    train_loss = log_history(history, "loss")
-    final = train_loss[-1][1] if train_loss else None
-    if final is not None and not math.isfinite(final):
-        notes.append(f"the final training loss is {final}: lower the learning rate")
-    result = DPOResult(
-        output_dir=output_dir,
-        steps=int(trainer.state.global_step),
-        train_loss=train_loss,
-        final_train_loss=final,
-        curves={k: log_history(history, f"rewards/{k}") for k in CURVES},
+    result = run.result(
+        DPOResult,
+        trainer,
+        "loss",
+        wall,
+        report,
+        curves={k: log_history(trainer.state.log_history, f"rewards/{k}") for k in CURVES},
         eval_loss=eval_loss,
         eval_accuracy=after,
         eval_accuracy_before=before,
         tokens_seen=int(trainer.state.num_input_tokens_seen),
-        wall_seconds=wall,
-        learning_rate=plan.learning_rate,
-        effective_batch_size=plan.effective_batch_size,
         loss_type=recipe.loss_type,
         reference={**lookup, "forward_passes": trainer.reference_forward_passes},
-        data_report=report,
-        notes=notes,
     )
-
-    def reload_base():  # QLoRA: the base in full precision, to merge the adapter into
-        base = load_model(source, dtype="float32")
-        if adapted:
-            match_model_to_tokenizer(base, tokenizer)
-        return base
-
-    saved = save_trained_model(trainer, output_dir, chosen, reload_base=reload_base)
-    if main:
-        tokenizer.save_pretrained(output_dir)
-        data = data_entry(plan, report, given, "train_dpo")
-        write_manifest(
-            output_dir,
-            stage="dpo",
-            recipe=recipe,
-            data=[data],
-            tokenizer=tokenizer,
-            seed=recipe.seed,
-            parent=source if is_checkpoint or not folder.is_dir() else None,
-            extra={
-                "started_from": source,
-                "plan": plan.to_dict(),
-                "trl_loss_type": TRL_LOSS_TYPES[recipe.loss_type],
-                "method": chosen.method,
-                "merged": saved["merged"],
-                "weights_dtype": saved["dtype"],
-                "tokenizer_adapted": adapted,
-                "steps": result.steps,
-                "final_train_loss": final,
-                "eval_accuracy": after,
-                "tokens_seen": result.tokens_seen,
-                "wall_seconds": wall,
-                "reference": result.reference,
-                "data_report": report.to_dict(),
-                "notes": notes,
-            },
-        )
+    extra = {"trl_loss_type": TRL_LOSS_TYPES[recipe.loss_type], "eval_accuracy": after}
+    extra.update(tokens_seen=result.tokens_seen, reference=result.reference)
+    run.finish("dpo", result, extra, trainer=trainer)
     if verbose and main:
         acc = f", held-out accuracy {before:.2f} -> {after:.2f}" if after is not None else ""
-        print(f"  done: {result.steps} steps in {wall:.1f} s, loss {final}{acc}; saved to {output_dir}")
+        print(
+            f"  done: {result.steps} steps in {wall:.1f} s, loss {result.final_train_loss}{acc}; "
+            f"saved to {output_dir}"
+        )
     return result

@@ -5,6 +5,11 @@ the matching built-in (``ValueError``, ``OSError``), so callers may catch either
 catches ``KitError`` and prints the message, which always names the problem and the fix.
 """
 
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
 
 class KitError(Exception):
     """Bad input or a missing resource, explained in the message (what is wrong and how to fix it)."""
@@ -21,3 +26,15 @@ class FileKeyError(KitError, ValueError):
         self.key = key
         where = f"{self.file}: key '{key}'" if key else self.file
         super().__init__(f"{where}: {problem}" + (f" Fix: {fix}" if fix else ""))
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when the message is empty)."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def did_you_mean(word: object, choices: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` naming the closest of ``choices`` to ``word``, or "" when none is close."""
+    hint = difflib.get_close_matches(str(word), list(choices), n=1)
+    return f" (did you mean {hint[0]!r}?)" if hint else ""

@@ -1,62 +1,37 @@
-"""PPO with verifiable rewards (Tulu 3's RLVR), written out: the formulas and a small trainer loop.
+"""PPO with verifiable rewards (Tulu 3's RLVR), written out: one function per formula and a small trainer.
 
-Why by hand: TRL no longer ships a PPO trainer (TRL 1.x keeps GRPO and RLOO), and the open-instruct PPO
-that Tulu 3 and SmolTulu trained with has been removed from its repository. This module follows that
-code (``ppo_vllm_thread_ray_gtrl.py``), one function per formula, so each can be read and tested alone.
-transformers runs the models and samples, Accelerate places them on devices and wraps them for DDP.
-
-One iteration, for a batch of prompts ``x`` and responses ``y = (a_1 .. a_T)`` sampled at temperature 1:
-
-1. **Score** (per sequence): ``s = R_v`` (10) when the verifier accepts the response, else 0
-   (:func:`~smoltulu_utils.verifiers.verify`); the score of a response that never emits end-of-sequence
-   is replaced by the non-stop penalty, ``s = -10``, verified or not (:func:`apply_non_stop_penalty`, as
-   open-instruct; ``PPOSettings(non_stop_replaces_score=False)`` adds the penalty instead).
-2. **Per-token KL** to the frozen reference policy (open-instruct's ``kl1`` estimator, :func:`per_token_kl`):
-   ``kl_t = log pi(a_t | s_t) - log pi_ref(a_t | s_t)``.
-3. **Rewards** (:func:`token_rewards`): ``r_t = -beta * kl_t``, plus ``s`` on the last response token.
-4. **GAE** (:func:`gae_advantages`): ``delta_t = r_t + gamma * V(s_{t+1}) - V(s_t)``,
-   ``A_t = delta_t + gamma * lambda * A_{t+1}`` (``V`` and ``A`` are 0 past the end), returns ``R_t = A_t + V(s_t)``.
-5. **Whitening** (:func:`masked_whiten`): ``A <- (A - mean(A)) / sqrt(var(A) + 1e-8)`` over the batch's
-   response tokens.
-6. **Clipped policy loss** (:func:`policy_loss`): ``rho_t = exp(log pi_new - log pi_old)``,
-   ``L_pi = mean_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps))``; the clip fraction is the share of
-   tokens where the clipped term is the larger.
-7. **Clipped value loss** (:func:`value_loss`): ``V_clip = V_old + clip(V - V_old, -eps_v, eps_v)``,
-   ``L_V = 0.5 * mean_t max((V - R_t)^2, (V_clip - R_t)^2)``.
-8. **Update**: AdamW on ``L_pi + c_v * L_V`` for ``num_epochs`` passes (Tulu 3: 4) over the rollout batch,
-   one optimizer step per minibatch.
-
-Batch sizes are counted as open-instruct counts them (:func:`batch_sizes`): the recipe's rollout and
-minibatch sizes are per process (``local_rollout_batch_size``, ``local_mini_batch_size``) and the global
-batch is that times the number of processes. Rollouts come from transformers' ``generate``, or from vLLM
-through TRL's colocated engine when asked for (``generator="vllm"``, :func:`choose_generator`).
-
-Where the kit differs from open-instruct, for clarity: the score sits on the last response token (the
-end-of-sequence token when there is one), where open-instruct adds it one position later and lets GAE
-carry it back with a factor lambda; policy and value models step with one optimizer (open-instruct runs
-two DeepSpeed engines with the same learning rate), as TRL's PPOv2 did. The value model starts from a
-reward model: a sequence-classification model whose one-label ``score`` head is applied to every position.
+Written by hand because TRL 1.x ships no PPO trainer and open-instruct's PPO, which Tulu 3 and SmolTulu
+trained with, has left its repository; this follows its ``ppo_vllm_thread_ray_gtrl.py``. One iteration
+samples responses, scores them with the verifiers and the non-stop penalty, adds the per-token KL to a
+frozen reference, runs GAE, and steps AdamW on the clipped policy and value losses for ``num_epochs``
+passes. Where the kit differs from open-instruct: the score sits on the last response token (open-instruct
+adds it one position later and lets GAE carry it back), and policy and value share one optimizer.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from .errors import KitError
-from .verifiers import VERIFIED_REWARD, Verdict, verify
+from .verifiers import Verdict, verify
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from .recipes import RLVRRecipe
 
 log = logging.getLogger(__name__)
 
@@ -70,32 +45,43 @@ class PPOError(KitError, ValueError):
 
 @dataclass(frozen=True)
 class PPOSettings:
-    """PPO's own constants (open-instruct's defaults, which Tulu 3's RLVR kept); the recipe holds the rest."""
+    """Every number of a PPO run but the learning rate and batch sizes; the RLVR recipe's, each cited there."""
 
-    gamma: float = 1.0  # Tulu 3: discount factor
-    lam: float = 0.95  # Tulu 3: GAE lambda
-    cliprange: float = 0.2  # Tulu 3: policy ratio clip
-    cliprange_value: float = 0.2  # Tulu 3: value clip
-    vf_coef: float = 0.1  # Tulu 3: weight of the value loss
-    whiten_advantages: bool = True  # Tulu 3: advantages whitened over the batch
-    max_grad_norm: float = 1.0  # Tulu 3: DeepSpeed gradient clipping 1.0
-    adam_eps: float = 1e-5  # Tulu 3: AdamW epsilon
-    forward_batch_size: int | None = None  # kit choice: no-grad forward batch; None = the micro-batch
-    min_response_length: int = 0  # Tulu 3: a response shorter than this (before its EOS) counts as non-stop
-    penalize_non_stop: bool = True  # Tulu 3: open-instruct's non_stop_penalty switch (on for RLVR)
-    non_stop_replaces_score: bool = True  # Tulu 3: the penalty replaces the score (False: it is added)
+    response_length: int
+    num_epochs: int  # passes over each rollout batch
+    kl_beta: float
+    temperature: float
+    verifiable_reward: float
+    non_stop_penalty: float
+    penalize_non_stop: bool
+    non_stop_replaces_score: bool  # False: the penalty is added to the score
+    min_response_length: int  # a response shorter than this (before its EOS) counts as non-stop
+    gamma: float
+    lam: float
+    cliprange: float
+    cliprange_value: float
+    vf_coef: float
+    whiten_advantages: bool
+    max_grad_norm: float
+    adam_eps: float
+    lr_scheduler: str
+    warmup_ratio: float
+    weight_decay: float
+    seed: int
     samples_kept: int = 8  # kit choice: responses of the last iteration kept for display
 
+    @classmethod
+    def from_recipe(cls, recipe: RLVRRecipe, **changes: Any) -> PPOSettings:
+        """The settings of an RLVR recipe (``num_epochs`` rounded, at least 1), with ``changes``."""
+        values = {f.name: getattr(recipe, f.name) for f in dataclasses.fields(cls) if hasattr(recipe, f.name)}
+        return cls(**{**values, "num_epochs": max(1, round(recipe.num_epochs)), **changes})
 
-# ======================================================================================================
-# The formulas
-# ======================================================================================================
-def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Mean of ``values`` where ``mask`` is 1: ``sum(v * m) / sum(m)`` (over ``dim``, or over everything)."""
+
+# -- the formulas ----------------------------------------------------------------------------------
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` where ``mask`` is 1: ``sum(v * m) / sum(m)``."""
     mask = mask.to(values.dtype)
-    if dim is None:
-        return (values * mask).sum() / mask.sum().clamp(min=1)
-    return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+    return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
 def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
@@ -143,17 +129,10 @@ def response_mask(responses: torch.Tensor, eos_token_ids: Sequence[int]) -> tupl
 def apply_non_stop_penalty(
     scores: torch.Tensor, ended: torch.Tensor, penalty: float, replace: bool = True
 ) -> torch.Tensor:
-    """The non-stop penalty: the score of a response that never ends becomes ``penalty`` (-10).
-
-    ``score_i = scores_i if ended_i else penalty`` (open-instruct's ``torch.where(contain_stop_token,
-    scores, penalty_reward_value)``, which Tulu 3 trained with): a verified answer that never stops scores
-    -10, as a wrong one. With ``replace=False`` the penalty is added instead,
-    ``score_i = scores_i + (0 if ended_i else penalty)``, so a verified answer that never stops scores 0.
-    """
+    """The score of a response that never ends becomes ``penalty``, verified or not (open-instruct's
+    ``torch.where(contain_stop_token, scores, penalty_reward_value)``); ``replace=False`` adds it instead."""
     penalty_t = torch.full_like(scores, float(penalty))
-    if replace:
-        return torch.where(ended, scores, penalty_t)
-    return torch.where(ended, scores, scores + penalty_t)
+    return torch.where(ended, scores, penalty_t if replace else scores + penalty_t)
 
 
 def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_beta: float) -> torch.Tensor:
@@ -239,9 +218,7 @@ def value_loss(
     return LossInfo(loss, clip_fraction)
 
 
-# ======================================================================================================
-# Models
-# ======================================================================================================
+# -- models ----------------------------------------------------------------------------------------
 def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counting only attended tokens (left padding gets position 0)."""
     return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
@@ -254,10 +231,7 @@ def response_logprobs(
     response_length: int,
     temperature: float = 1.0,
 ) -> torch.Tensor:
-    """``log pi(a_t | s_t)`` of the last ``response_length`` tokens of ``input_ids``, at ``temperature``.
-
-    Only the logits that predict response tokens are computed (``logits_to_keep``).
-    """
+    """``log pi(a_t | s_t)`` of the last ``response_length`` tokens of ``input_ids``, at ``temperature``."""
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -286,13 +260,8 @@ def response_values(
 
 
 def value_model_from_policy(policy: PreTrainedModel) -> PreTrainedModel:
-    """A one-label sequence-classification model with the policy's architecture and backbone weights.
-
-    For ``value_model_from: policy`` and for tests with the tiny model (its ``score`` head is newly
-    initialised, as when a causal LM checkpoint is loaded with ``head="reward"``). The value model trains
-    in full, so its weights are float32 whatever the policy's dtype (bf16 weights would round away most
-    AdamW steps; Accelerate's autocast computes in bf16 over them).
-    """
+    """A one-label sequence-classification model with the policy's backbone weights and a new ``score`` head
+    (``value_model_from: policy``, and tests), in float32 whatever the policy's dtype: it trains in full."""
     from transformers import AutoModelForSequenceClassification
 
     config = policy.config.__class__.from_dict(policy.config.to_dict())
@@ -305,24 +274,11 @@ def value_model_from_policy(policy: PreTrainedModel) -> PreTrainedModel:
     return value_model.to(device=next(policy.parameters()).device, dtype=torch.float32)
 
 
-class VocabularyRestriction:
-    """The handle :func:`restrict_vocabulary` returns: :meth:`remove` gives the output layer its bias back."""
+def restrict_vocabulary(model: nn.Module, token_ids: Sequence[int]) -> SimpleNamespace:
+    """Let ``model`` produce only ``token_ids`` (the toy task): other logits are lowered by :data:`MASKED_LOGIT`.
 
-    def __init__(self, head: nn.Module, previous: nn.Parameter | None):
-        self.head, self.previous = head, previous
-
-    def remove(self) -> None:
-        """Lift the restriction (the output layer gets the bias it had before)."""
-        self.head.bias = self.previous
-
-
-def restrict_vocabulary(model: nn.Module, token_ids: Sequence[int]) -> VocabularyRestriction:
-    """Let ``model`` produce only ``token_ids``: every other logit is lowered by :data:`MASKED_LOGIT`.
-
-    The output layer gets a frozen bias (0 on the allowed tokens), so sampling, log-probabilities and
-    entropies all see the same restricted policy, including TRL's fused LM head, which reads the layer's
-    weight and bias directly. Used by the kit's toy task (a tiny random model then finds a right answer by
-    chance). Returns a handle whose ``remove()`` lifts the restriction; do not save a model while it is on.
+    A frozen bias on the output layer does it, so sampling, log-probabilities and TRL's fused LM head all
+    see the same policy. The handle's ``remove()`` lifts it; do not save a model while it is on.
     """
     head = model.get_output_embeddings()
     vocab = head.weight.shape[0]
@@ -337,7 +293,7 @@ def restrict_vocabulary(model: nn.Module, token_ids: Sequence[int]) -> Vocabular
     if previous is not None:
         bias = bias + previous.detach()
     head.bias = nn.Parameter(bias, requires_grad=False)
-    return VocabularyRestriction(head, previous)
+    return SimpleNamespace(remove=lambda: setattr(head, "bias", previous))
 
 
 class PolicyAndValue(nn.Module):
@@ -355,20 +311,14 @@ class PolicyAndValue(nn.Module):
         return logprobs, values
 
 
-# ======================================================================================================
-# Generation
-# ======================================================================================================
+# -- generation ------------------------------------------------------------------------------------
 def left_pad(
     prompts: Sequence[Sequence[int]], pad_id: int, device: Any = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(input_ids, attention_mask)`` of prompts padded on the left to the longest."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for i, prompt in enumerate(prompts):
-        if prompt:
-            ids[i, width - len(prompt) :] = torch.as_tensor(list(prompt))
-            mask[i, width - len(prompt) :] = 1
+    rows = [torch.as_tensor(list(p), dtype=torch.long) for p in prompts]
+    ids = pad_sequence(rows, batch_first=True, padding_value=pad_id, padding_side="left")
+    mask = pad_sequence([torch.ones_like(r) for r in rows], batch_first=True, padding_side="left")
     return ids.to(device), mask.to(device)
 
 
@@ -376,30 +326,18 @@ def right_pad(
     responses: Sequence[Sequence[int]], pad_id: int, width: int, device: Any = None
 ) -> torch.Tensor:
     """Response ids padded (or cut) on the right to ``width``."""
-    out = torch.full((len(responses), width), pad_id, dtype=torch.long)
-    for i, response in enumerate(responses):
-        response = list(response)[:width]
-        if response:
-            out[i, : len(response)] = torch.as_tensor(response)
-    return out.to(device)
+    rows = [torch.as_tensor(list(r)[:width], dtype=torch.long) for r in responses]
+    out = pad_sequence(rows, batch_first=True, padding_value=pad_id)
+    return nn.functional.pad(out, (0, width - out.shape[1]), value=pad_id).to(device)
 
 
 #: Rollout generators: ``auto`` is transformers' ``generate``; vLLM is used only when asked for.
 GENERATORS = ("auto", "transformers", "vllm")
 
 
-def vllm_available() -> bool:
-    """True when vLLM is installed and a CUDA GPU is present (vLLM generation is possible)."""
-    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
-
-
 def choose_generator(generator: str = "auto") -> str:
-    """The rollout generator to use: ``"transformers"`` or ``"vllm"``.
-
-    ``"auto"`` and ``"transformers"`` give transformers' ``generate`` (it runs everywhere, and is the path
-    the kit's tests run); vLLM is opt-in: ``"vllm"`` needs vLLM installed and a CUDA GPU, else a
-    :class:`PPOError` says what is missing and how to fix it.
-    """
+    """The rollout generator: ``"transformers"`` (``generate``, for ``"auto"`` too) or ``"vllm"`` (opt-in:
+    it needs vLLM and a CUDA GPU, else a :class:`PPOError` says what is missing)."""
     if generator not in GENERATORS:
         raise PPOError(f"unknown generator {generator!r}; use one of {', '.join(GENERATORS)}")
     if generator != "vllm":
@@ -417,52 +355,6 @@ def choose_generator(generator: str = "auto") -> str:
             "machine, or use generator='transformers' (or 'auto'), which samples with transformers' generate."
         )
     return "vllm"
-
-
-class VLLMGenerator:
-    """Rollouts by a vLLM engine colocated on each training GPU, through TRL's ``VLLMGeneration``.
-
-    The engine and the weight copy are TRL's, as ``GRPOTrainer`` uses them with ``vllm_mode="colocate"``:
-    one engine per process (vLLM's ``external_launcher`` executor), loaded from the policy's
-    ``name_or_path`` (a folder or Hub id with its config and weights); :meth:`load_weights` pushes the
-    policy's current weights into it (gathering them under DeepSpeed ZeRO-3, merging LoRA adapters).
-    Sampling is at the PPO temperature with no top-k or top-p. Needs vLLM and a CUDA GPU.
-    """
-
-    def __init__(
-        self,
-        policy: nn.Module,
-        accelerator: Any,
-        tokenizer: PreTrainedTokenizerBase,
-        max_new_tokens: int,
-        temperature: float,
-        gpu_memory_utilization: float = 0.3,
-        max_model_length: int | None = None,
-    ):
-        from trl.generation.vllm_generation import VLLMGeneration
-
-        self.engine = VLLMGeneration(
-            model=policy,
-            accelerator=accelerator,
-            processing_class=tokenizer,
-            mode="colocate",
-            gpu_memory_utilization=gpu_memory_utilization,
-            max_model_length=max_model_length,
-            temperature=temperature,
-            top_p=1.0,
-            top_k=0,
-            max_completion_length=max_new_tokens,
-            logprobs=None,
-        )
-
-    def load_weights(self, policy: nn.Module | None = None) -> None:
-        """Copy the policy's current weights into the engine (TRL's ``sync_weights``)."""
-        self.engine.sync_weights()
-
-    def generate(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
-        """Sampled response ids (end-of-sequence included when emitted) for each prompt."""
-        _, completions, _, _ = self.engine.generate([list(p) for p in prompts], None, num_generations=1)
-        return [list(ids) for ids in completions]
 
 
 @torch.no_grad()
@@ -489,50 +381,60 @@ def sample_responses(
     )
     out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=config)
     responses = out[:, prompt_ids.shape[1] :]
-    if responses.shape[1] < max_new_tokens:
-        fill = torch.full(
-            (responses.shape[0], max_new_tokens - responses.shape[1]), pad_id, device=responses.device
-        )
-        responses = torch.cat([responses, fill.to(responses.dtype)], dim=1)
-    return responses
+    return nn.functional.pad(responses, (0, max_new_tokens - responses.shape[1]), value=pad_id)
 
 
-# ======================================================================================================
-# The trainer
-# ======================================================================================================
+def decode_responses(
+    tokenizer: PreTrainedTokenizerBase,
+    responses: torch.Tensor,
+    mask: torch.Tensor,
+    eos_token_ids: Sequence[int],
+) -> list[str]:
+    """The text of each response: its tokens up to the end (``mask``), end-of-sequence left out."""
+    rows = zip(responses.tolist(), mask.tolist(), strict=True)
+    tokens = [
+        [t for t, k in zip(row, keep, strict=True) if k and t not in eos_token_ids] for row, keep in rows
+    ]
+    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in tokens]
+
+
+@torch.no_grad()
+def sample_and_verify(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Any],
+    response_length: int,
+    temperature: float,
+) -> tuple[list[str], list[Verdict], list[bool], list[int]]:
+    """One sampled response per example (``prompt_ids``, verifier ``target``), verified in eval mode:
+    ``(texts, verdicts, ended, lengths)``."""
+    eos = [int(tokenizer.eos_token_id)]
+    pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0])
+    ids, mask = left_pad([list(ex.prompt_ids) for ex in examples], pad, next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    responses = sample_responses(model, ids, mask, response_length, temperature, eos, pad)
+    model.train(was_training)
+    keep, ended = response_mask(responses, eos)
+    texts = decode_responses(tokenizer, responses, keep, eos)
+    verdicts = [verify(text, ex.target) for text, ex in zip(texts, examples, strict=True)]
+    return texts, verdicts, ended.tolist(), keep.sum(dim=1).tolist()
+
+
+# -- the trainer -------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class BatchSizes:
-    """PPO's batch sizes as open-instruct counts them: per process, times the number of processes.
-
-    open-instruct: ``rollout_batch_size = local_rollout_batch_size * world_size`` and
-    ``mini_batch_size = local_mini_batch_size * world_size``; one minibatch is one optimizer step,
-    accumulated over micro-batches of ``per_device_train_batch_size``.
-    """
+    """PPO's batch sizes (:func:`batch_sizes`) as open-instruct counts them: per process, times the number of
+    processes (``rollout_batch_size = local_rollout_batch_size * world_size``, the same for the minibatch)."""
 
     num_processes: int
     local_rollout: int  # prompts per process per iteration (local_rollout_batch_size)
     local_minibatch: int  # responses per process per optimizer step (local_mini_batch_size)
     micro: int  # responses per process per forward and backward pass (per_device_train_batch_size)
-
-    @property
-    def rollout(self) -> int:
-        """Prompts per iteration over all processes."""
-        return self.local_rollout * self.num_processes
-
-    @property
-    def minibatch(self) -> int:
-        """Responses per optimizer step over all processes."""
-        return self.local_minibatch * self.num_processes
-
-    @property
-    def accumulation(self) -> int:
-        """Micro-batches accumulated into one optimizer step."""
-        return self.local_minibatch // self.micro
-
-    @property
-    def minibatches(self) -> int:
-        """Optimizer steps per pass (epoch) over one rollout batch."""
-        return self.local_rollout // self.local_minibatch
+    rollout: int  # prompts per iteration over all processes
+    minibatch: int  # responses per optimizer step over all processes
+    accumulation: int  # micro-batches accumulated into one optimizer step
+    minibatches: int  # optimizer steps per pass (epoch) over one rollout batch
 
 
 def batch_sizes(
@@ -553,9 +455,11 @@ def batch_sizes(
             f"minibatch_size {minibatch_per_process} does not divide rollout_batch_size {rollout_per_process} "
             "(both per process); pick a divisor"
         )
-    top = min(micro_cap, minibatch_per_process)
-    micro = max(d for d in range(1, top + 1) if minibatch_per_process % d == 0)
-    return BatchSizes(num_processes, rollout_per_process, minibatch_per_process, micro)
+    rollout, minibatch, n = rollout_per_process, minibatch_per_process, num_processes
+    micro = max(d for d in range(1, min(micro_cap, minibatch) + 1) if minibatch % d == 0)
+    return BatchSizes(
+        n, rollout, minibatch, micro, rollout * n, minibatch * n, minibatch // micro, rollout // minibatch
+    )
 
 
 @dataclass
@@ -576,13 +480,10 @@ class RolloutBatch:
 class PPOTrainer:
     """The PPO loop. Build it with models already loaded; :meth:`train` runs the iterations.
 
-    ``examples``: objects with ``prompt_ids`` (token ids of the rendered prompt) and ``target`` (a
-    :class:`~smoltulu_utils.verifiers.Target`). The trainer's batch sizes are global (all processes):
-    ``rollout_batch_size`` prompts per iteration, split into minibatches of ``minibatch_size`` (one optimizer
-    step each, ``num_epochs`` passes), each accumulated over micro-batches of ``micro_batch_size`` per
-    process; :func:`batch_sizes` forms them from the recipe's per-process counts. ``generator``: ``None``
-    or ``"transformers"`` (``generate``), ``"vllm"`` (a :class:`VLLMGenerator` built on the trainer's
-    accelerator, checked by :func:`choose_generator`), or an object with ``load_weights`` and ``generate``.
+    ``examples``: objects with ``prompt_ids`` (the rendered prompt's token ids) and a verifier ``target``.
+    ``sizes``: the batch sizes on the processes running (:func:`batch_sizes`). ``generator``:
+    ``"transformers"`` (``generate``) or ``"vllm"`` (TRL's ``VLLMGeneration`` colocated on each GPU, as
+    ``GRPOTrainer`` runs it; it loads from the policy's ``name_or_path`` and gets its weights each iteration).
     """
 
     policy: PreTrainedModel
@@ -590,24 +491,12 @@ class PPOTrainer:
     value_model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     examples: Sequence[Any]
+    settings: PPOSettings
+    sizes: BatchSizes
     learning_rate: float
-    rollout_batch_size: int
-    minibatch_size: int
-    micro_batch_size: int
-    response_length: int
-    num_epochs: int = 1
-    kl_beta: float = 0.05
-    temperature: float = 1.0
-    verifiable_reward: float = VERIFIED_REWARD
-    non_stop_penalty: float = -10.0
-    lr_scheduler: str = "linear"
-    warmup_ratio: float = 0.0
-    weight_decay: float = 0.0
     total_iterations: int = 1
-    seed: int = 0
-    settings: PPOSettings = field(default_factory=PPOSettings)
     mixed_precision: str = "no"
-    generator: Any = None  # None or "transformers": generate; "vllm": a VLLMGenerator; or such an object
+    generator: str = "transformers"
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
@@ -617,59 +506,58 @@ class PPOTrainer:
 
         if not self.examples:
             raise PPOError("no prompts to train on: every row was skipped (see the data report)")
-        self.accelerator = Accelerator(
-            cpu=not torch.cuda.is_available(), mixed_precision=self.mixed_precision
-        )
-        world = self.accelerator.num_processes
-        for name in ("rollout_batch_size", "minibatch_size"):
-            if getattr(self, name) % world:
-                raise PPOError(f"{name} {getattr(self, name)} does not split over {world} processes")
-        self.local_rollout = self.rollout_batch_size // world
-        self.local_minibatch = self.minibatch_size // world
-        if self.local_rollout % self.local_minibatch or self.local_minibatch % self.micro_batch_size:
+        cpu = not torch.cuda.is_available()
+        self.accelerator = Accelerator(cpu=cpu, mixed_precision=self.mixed_precision)
+        world, s = self.accelerator.num_processes, self.settings
+        if self.sizes.num_processes != world:
             raise PPOError(
-                f"batch sizes do not nest: rollout {self.rollout_batch_size}, minibatch {self.minibatch_size}, "
-                f"micro-batch {self.micro_batch_size} per process on {world} process(es); pick divisors"
+                f"the batch sizes are for {self.sizes.num_processes} process(es) but {world} run; "
+                f"form them with batch_sizes(..., num_processes={world})"
             )
         # seed + process index: each process samples its own responses (the weights are synced by DDP and
         # the prompt order by its own generator); one process keeps the seed as it is
-        set_seed(self.seed, device_specific=True)
-        self.eos_token_ids = sorted({int(self.tokenizer.eos_token_id)} | set(_eos_ids(self.policy)))
+        set_seed(s.seed, device_specific=True)
+        eos = getattr(getattr(self.policy, "generation_config", None), "eos_token_id", None)
+        eos = [] if eos is None else eos if isinstance(eos, list | tuple) else [eos]
+        self.eos_token_ids = sorted({int(self.tokenizer.eos_token_id)} | {int(e) for e in eos})
         self.pad_id = int(
             self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_token_ids[0]
         )
-        for model in (self.ref_policy,):
-            model.eval().requires_grad_(False)
+        self.ref_policy.eval().requires_grad_(False)
         if self.gradient_checkpointing:
             for model in (self.policy, self.value_model):
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = PolicyAndValue(self.policy, self.value_model)
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
-            params, lr=self.learning_rate, eps=self.settings.adam_eps, weight_decay=self.weight_decay
+            params, lr=self.learning_rate, eps=s.adam_eps, weight_decay=s.weight_decay
         )
-        steps = self.total_iterations * self.num_epochs * (self.local_rollout // self.local_minibatch)
+        steps = self.total_iterations * s.num_epochs * self.sizes.minibatches
+        warmup = math.ceil(s.warmup_ratio * steps)
         scheduler = get_scheduler(
-            self.lr_scheduler,
-            optimizer,
-            num_warmup_steps=math.ceil(self.warmup_ratio * steps),
-            num_training_steps=steps,
+            s.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=steps
         )
         # The scheduler stays unprepared: Accelerate's wrapper would step it once per process.
         self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
         self.scheduler = scheduler
         self.ref_policy = self.ref_policy.to(self.accelerator.device)
-        if isinstance(self.generator, str):
-            if choose_generator(self.generator) == "vllm":
-                self.generator = VLLMGenerator(
-                    self.unwrapped.policy,
-                    self.accelerator,
-                    self.tokenizer,
-                    self.response_length,
-                    self.temperature,
-                )
-            else:
-                self.generator = None
+        self.engine = None
+        if choose_generator(self.generator) == "vllm":
+            from trl.generation.vllm_generation import VLLMGeneration
+
+            self.engine = VLLMGeneration(
+                model=self.unwrapped.policy,
+                accelerator=self.accelerator,
+                processing_class=self.tokenizer,
+                mode="colocate",
+                gpu_memory_utilization=0.3,
+                max_model_length=None,
+                temperature=s.temperature,
+                top_p=1.0,
+                top_k=0,
+                max_completion_length=s.response_length,
+                logprobs=None,
+            )
         self.iteration = 0
         self.episodes = 0
         self.samples: list[dict[str, Any]] = []
@@ -678,15 +566,14 @@ class PPOTrainer:
     # -- data --------------------------------------------------------------------------------------------
     def _prompt_order(self) -> Iterator[int]:
         """Example indices forever: a fresh seeded permutation per pass, the same on every process."""
-        generator = torch.Generator().manual_seed(self.seed)
+        generator = torch.Generator().manual_seed(self.settings.seed)
         while True:
             yield from torch.randperm(len(self.examples), generator=generator).tolist()
 
     def _next_batch(self) -> list[Any]:
-        indices = [next(self._order) for _ in range(self.rollout_batch_size)]
-        rank = self.accelerator.process_index
-        mine = indices[rank * self.local_rollout : (rank + 1) * self.local_rollout]
-        return [self.examples[i] for i in mine]
+        indices = [next(self._order) for _ in range(self.sizes.rollout)]
+        start = self.accelerator.process_index * self.sizes.local_rollout
+        return [self.examples[i] for i in indices[start : start + self.sizes.local_rollout]]
 
     @property
     def unwrapped(self) -> PolicyAndValue:
@@ -695,56 +582,49 @@ class PPOTrainer:
 
     # -- one iteration -----------------------------------------------------------------------------------
     def _generate(self, batch: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        device = self.accelerator.device
+        s, device = self.settings, self.accelerator.device
         prompts = [list(ex.prompt_ids) for ex in batch]
         prompt_ids, prompt_mask = left_pad(prompts, self.pad_id, device)
+        if self.engine is not None:
+            self.engine.sync_weights()  # the policy's current weights into vLLM
+            _, completions, _, _ = self.engine.generate(prompts, None, num_generations=1)
+            return prompt_ids, prompt_mask, right_pad(completions, self.pad_id, s.response_length, device)
         policy = self.unwrapped.policy
-        if self.generator is not None:
-            self.generator.load_weights(policy)
-            ids = self.generator.generate(prompts)
-            responses = right_pad(ids, self.pad_id, self.response_length, device)
-        else:
-            was_training = policy.training
-            policy.eval()
-            responses = sample_responses(
-                policy,
-                prompt_ids,
-                prompt_mask,
-                self.response_length,
-                self.temperature,
-                self.eos_token_ids,
-                self.pad_id,
-            )
-            policy.train(was_training)
+        was_training = policy.training
+        policy.eval()
+        eos, pad = self.eos_token_ids, self.pad_id
+        responses = sample_responses(
+            policy, prompt_ids, prompt_mask, s.response_length, s.temperature, eos, pad
+        )
+        policy.train(was_training)
         return prompt_ids, prompt_mask, responses
 
     def _score(self, batch, responses, mask, ended) -> tuple[torch.Tensor, list[Verdict], list[str]]:
-        texts = []
-        for row, keep in zip(responses.tolist(), mask.tolist(), strict=True):
-            tokens = [t for t, k in zip(row, keep, strict=True) if k and t not in self.eos_token_ids]
-            texts.append(self.tokenizer.decode(tokens, skip_special_tokens=True))
+        s = self.settings
+        texts = decode_responses(self.tokenizer, responses, mask, self.eos_token_ids)
         verdicts = [verify(text, ex.target) for text, ex in zip(texts, batch, strict=True)]
         scores = torch.tensor(
-            [self.verifiable_reward if v.verified else 0.0 for v in verdicts], device=responses.device
+            [s.verifiable_reward if v.verified else 0.0 for v in verdicts], device=responses.device
         )
-        if self.settings.penalize_non_stop:
+        if s.penalize_non_stop:
             scores = apply_non_stop_penalty(
-                scores, ended, self.non_stop_penalty, replace=self.settings.non_stop_replaces_score
+                scores, ended, s.non_stop_penalty, replace=s.non_stop_replaces_score
             )
         return scores, verdicts, texts
 
     @torch.no_grad()
     def _forward(self, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Old log-probs, reference log-probs and values of the rollouts, in no-grad micro-batches."""
-        size = self.settings.forward_batch_size or self.micro_batch_size
+        s = self.settings
+        size = self.sizes.micro
         model = self.unwrapped
         model.eval()
         logprobs, ref_logprobs, values = [], [], []
         for start in range(0, input_ids.shape[0], size):
             ids, att = input_ids[start : start + size], attention_mask[start : start + size]
             with self.accelerator.autocast():
-                lp, v = model(ids, att, self.response_length, self.temperature)
-                ref = response_logprobs(self.ref_policy, ids, att, self.response_length, self.temperature)
+                lp, v = model(ids, att, s.response_length, s.temperature)
+                ref = response_logprobs(self.ref_policy, ids, att, s.response_length, s.temperature)
             logprobs.append(lp)
             values.append(v)
             ref_logprobs.append(ref)
@@ -752,29 +632,26 @@ class PPOTrainer:
         return torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(values)
 
     def _optimise(self, rollout: RolloutBatch) -> dict[str, float]:
-        s = self.settings
+        s, sizes = self.settings, self.sizes
         stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clip_fraction",
                                                            "value_clip_fraction", "approx_kl")}  # fmt: skip
-        accumulation = self.local_minibatch // self.micro_batch_size
         learning_rates: list[float] = []
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.iteration)
+        generator = torch.Generator().manual_seed(s.seed * 100_003 + self.iteration)
         self.model.train()
-        for _ in range(self.num_epochs):
-            order = torch.randperm(self.local_rollout, generator=generator)
-            for mb_start in range(0, self.local_rollout, self.local_minibatch):
-                minibatch = order[mb_start : mb_start + self.local_minibatch]
-                for k, micro_start in enumerate(range(0, self.local_minibatch, self.micro_batch_size)):
-                    idx = minibatch[micro_start : micro_start + self.micro_batch_size].to(
-                        rollout.input_ids.device
-                    )
-                    last = k == accumulation - 1
+        for _ in range(s.num_epochs):
+            order = torch.randperm(sizes.local_rollout, generator=generator)
+            for mb_start in range(0, sizes.local_rollout, sizes.local_minibatch):
+                minibatch = order[mb_start : mb_start + sizes.local_minibatch]
+                for k, micro_start in enumerate(range(0, sizes.local_minibatch, sizes.micro)):
+                    idx = minibatch[micro_start : micro_start + sizes.micro].to(rollout.input_ids.device)
+                    last = k == sizes.accumulation - 1
                     sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.model)
                     with sync, self.accelerator.autocast():
                         logprobs, values = self.model(
                             rollout.input_ids[idx],
                             rollout.attention_mask[idx],
-                            self.response_length,
-                            self.temperature,
+                            s.response_length,
+                            s.temperature,
                         )
                         mask = rollout.mask[idx]
                         pg = policy_loss(
@@ -783,7 +660,7 @@ class PPOTrainer:
                         vf = value_loss(
                             values, rollout.values[idx], rollout.returns[idx], mask, s.cliprange_value
                         )
-                        loss = (pg.loss + s.vf_coef * vf.loss) / accumulation
+                        loss = (pg.loss + s.vf_coef * vf.loss) / sizes.accumulation
                         self.accelerator.backward(loss)
                     stats["policy_loss"].append(pg.loss.item())
                     stats["value_loss"].append(vf.loss.item())
@@ -805,6 +682,7 @@ class PPOTrainer:
 
     def step(self) -> dict[str, Any]:
         """One PPO iteration (rollouts, scoring, advantages, optimisation); returns its log entry."""
+        s = self.settings
         sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
         t0 = time.perf_counter()
         batch = self._next_batch()
@@ -812,7 +690,7 @@ class PPOTrainer:
         sync()
         t1 = time.perf_counter()
         mask, ended = response_mask(responses, self.eos_token_ids)
-        ended = ended & (mask.sum(dim=1) - 1 >= self.settings.min_response_length)
+        ended = ended & (mask.sum(dim=1) - 1 >= s.min_response_length)
         scores, verdicts, texts = self._score(batch, responses, mask, ended)
         t2 = time.perf_counter()
         input_ids = torch.cat([prompt_ids, responses], dim=1)
@@ -820,9 +698,9 @@ class PPOTrainer:
         logprobs, ref_logprobs, values = self._forward(input_ids, attention_mask)
         mask_f = mask.float()
         kl = per_token_kl(logprobs, ref_logprobs, mask_f)
-        rewards = token_rewards(scores, kl, mask_f, self.kl_beta)
-        advantages, returns = gae_advantages(rewards, values, mask_f, self.settings.gamma, self.settings.lam)
-        if self.settings.whiten_advantages:
+        rewards = token_rewards(scores, kl, mask_f, s.kl_beta)
+        advantages, returns = gae_advantages(rewards, values, mask_f, s.gamma, s.lam)
+        if s.whiten_advantages:
             advantages = masked_whiten(advantages, mask_f)
         sync()
         t3 = time.perf_counter()
@@ -834,24 +712,23 @@ class PPOTrainer:
         t4 = time.perf_counter()
 
         self.iteration += 1
-        self.episodes += self.rollout_batch_size
+        self.episodes += self.sizes.rollout
         lengths = mask.sum(dim=1).float()
         verified = torch.tensor([float(v.verified) for v in verdicts])
+        world = self.accelerator.num_processes
         entry: dict[str, Any] = {
             "iteration": self.iteration,
             "episodes": self.episodes,
             "verifiable_reward": self._mean(verified.mean()),
             "score": self._mean(scores.mean()),
             "kl": self._mean(kl.sum(dim=1).mean()),
-            "rlhf_reward": self._mean((scores - self.kl_beta * kl.sum(dim=1)).mean()),
+            "rlhf_reward": self._mean((scores - s.kl_beta * kl.sum(dim=1)).mean()),
             "response_length": self._mean(lengths.mean()),
             "non_stop_rate": self._mean((~ended).float().mean()),
             "entropy": self._mean(masked_mean(-logprobs, mask_f)),
             **{k: self._mean(v) for k, v in losses.items()},
-            "verifier_errors": int(
-                self._mean(sum(v.error is not None for v in verdicts)) * self.accelerator.num_processes
-            ),
-            "tokens_generated": int(self._mean(lengths.sum()) * self.accelerator.num_processes),
+            "verifier_errors": int(self._mean(sum(v.error is not None for v in verdicts)) * world),
+            "tokens_generated": int(self._mean(lengths.sum()) * world),
             "generation_s": t1 - t0,
             "scoring_s": t2 - t1,
             "forward_s": t3 - t2,
@@ -859,11 +736,11 @@ class PPOTrainer:
             "iteration_s": t4 - t0,
         }
         self.samples = [
-            _sample(self.tokenizer, ex, text, verdict, float(score), bool(end), int(length))
+            sample_row(self.tokenizer, ex, text, verdict, float(score), bool(end), int(length))
             for ex, text, verdict, score, end, length in zip(
                 batch, texts, verdicts, scores.tolist(), ended.tolist(), lengths.tolist(), strict=True
             )
-        ][: self.settings.samples_kept]
+        ][: s.samples_kept]
         return entry
 
     def train(
@@ -879,14 +756,9 @@ class PPOTrainer:
         return logs
 
 
-def _eos_ids(model: Any) -> list[int]:
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        return []
-    return [int(e) for e in (eos if isinstance(eos, list | tuple) else [eos])]
-
-
-def _sample(tokenizer, example, text: str, verdict: Verdict, score: float, ended: bool, length: int) -> dict:
+def sample_row(
+    tokenizer, example, text: str, verdict: Verdict, score: float, ended: bool, length: int
+) -> dict:
     """One response as a display row: the end of the prompt, the response and its verdict."""
     target = example.target
     prompt = tokenizer.decode(list(example.prompt_ids), skip_special_tokens=True)
@@ -902,14 +774,3 @@ def _sample(tokenizer, example, text: str, verdict: Verdict, score: float, ended
         "length": length,
         "error": verdict.error,
     }
-
-
-def summarize(logs: Sequence[Mapping[str, Any]], keys: Sequence[str], last: int = 1) -> dict[str, float]:
-    """Means of ``keys`` over the last ``last`` log entries (NaN-free keys only)."""
-    tail = list(logs)[-last:]
-    out = {}
-    for key in keys:
-        values = [float(e[key]) for e in tail if e.get(key) is not None]
-        if values:
-            out[key] = sum(values) / len(values)
-    return out

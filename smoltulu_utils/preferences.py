@@ -6,23 +6,12 @@
     dataset[0]            # {"prompt": [...messages], "chosen": [assistant turn], "rejected": [assistant turn]}
     report.describe()     # "38 of 40 pairs kept ...; skipped row 3: chosen equals rejected ..."
 
-One function reads every preference layout the kit meets and hands TRL's ``DPOTrainer`` and
-``RewardTrainer`` the same thing, the *conversational preference format with an explicit prompt*: the
-shared conversation before the last turn in ``prompt``, and the two final assistant turns in ``chosen``
-and ``rejected`` (one message each). Layouts read:
-
-- full conversations, as in the Tulu 3 preference mixture and UltraFeedback: ``chosen`` and ``rejected``
-  are whole chats that share every turn but the last (a string ``prompt`` beside them is redundant and
-  ignored);
-- RewardBench's layout: ``prompt``, ``chosen`` and ``rejected`` are strings (one user turn, two replies);
-- TRL's own explicit-prompt layout: ``prompt`` is a list of messages, ``chosen``/``rejected`` the replies.
-
-Written by hand because neither TRL nor ``datasets`` checks what a pair *means*: TRL trains on a pair
-whose two replies are equal (a zero-gradient pair that still counts in the batch) or whose prompts differ
-(the margin then compares answers to two different questions), and drops over-long pairs without
-saying which. Here such rows are skipped and reported with their index and reason, as
-:func:`smoltulu_utils.sft.prepare_sft_rows` does for SFT rows; an empty input, or one with no usable
-pair, raises :class:`PreferenceDataError`.
+Every preference layout the kit meets becomes TRL's conversational format with an explicit prompt (the
+turns before the reply in ``prompt``, the two final assistant turns in ``chosen`` and ``rejected``):
+whole chats that share all but the last turn (Tulu 3, UltraFeedback), RewardBench's strings, and TRL's
+own layout. Written by hand because TRL checks no pair's meaning: it trains on two equal replies or two
+different prompts, and drops over-long pairs without saying which. Such rows are skipped and reported
+with their index and reason; an empty input, or one with no usable pair, raises :class:`PreferenceDataError`.
 """
 
 from __future__ import annotations
@@ -32,16 +21,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .data_checks import SkippedRow, SkipReport
-from .errors import KitError
+from .data_checks import SkippedRow, SkipReport, conversation_problem
+from .errors import KitError, first_line
 
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
     from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
-
-ROLES = ("system", "user", "assistant")
 
 
 class PreferenceDataError(KitError, ValueError):
@@ -91,20 +78,6 @@ class PreferenceDataReport(SkipReport):
 # ======================================================================================================
 # One row -> (prompt, chosen reply, rejected reply), or the reason it cannot be a pair
 # ======================================================================================================
-def _messages_problem(messages: Any, side: str) -> str | None:
-    if not isinstance(messages, Sequence) or isinstance(messages, str):
-        return f"bad {side}: expected a list of messages or a string, got {type(messages).__name__}"
-    for i, message in enumerate(messages):
-        if not isinstance(message, Mapping):
-            return f"bad {side}: message {i} is {type(message).__name__}, not a dict"
-        role, content = message.get("role"), message.get("content")
-        if role not in ROLES:
-            return f"bad {side}: message {i} has role {role!r} (expected one of {', '.join(ROLES)})"
-        if not isinstance(content, str):
-            return f"bad {side}: message {i} content is {type(content).__name__}, not str"
-    return None
-
-
 def _plain(messages: Sequence[Mapping]) -> list[dict[str, str]]:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
@@ -136,7 +109,7 @@ def _conversations(row: Any) -> tuple[list[dict], list[dict]] | str:
             # TRL's explicit prompt: the replies follow the prompt turns (unless they repeat them already)
             if list(value[: len(prompt)]) != list(prompt) or len(value) <= len(prompt):
                 value = [*prompt, *value]
-        problem = _messages_problem(value, side)
+        problem = conversation_problem(value, side=side)
         if problem:
             return problem
         sides[side] = _plain(value)
@@ -181,17 +154,12 @@ def split_pair(row: Mapping) -> dict[str, list[dict]]:
     return {"prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:]}
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
-def _length(tokenizer: PreTrainedTokenizerBase, conversation: list[dict]) -> int:
-    """Tokens of the rendered conversation, as TRL tokenizes it (``apply_chat_template``, tokenized)."""
+def chat_ids(tokenizer: PreTrainedTokenizerBase, conversation: list[dict]) -> list[int]:
+    """The token ids of a rendered conversation, as TRL tokenizes it (``apply_chat_template``, tokenized)."""
     ids = tokenizer.apply_chat_template(conversation, tokenize=True)
     if hasattr(ids, "keys"):  # a BatchEncoding in recent transformers
         ids = ids["input_ids"]
-    return len(ids)
+    return [int(t) for t in ids]
 
 
 # ======================================================================================================
@@ -215,18 +183,13 @@ def prepare_preference_rows(
     """Check preference rows and split each into TRL's explicit prompt format: ``(Dataset, report)``.
 
     Every kept row becomes ``{"prompt": [turns before the reply], "chosen": [assistant reply],
-    "rejected": [assistant reply]}``, the conversational layout both ``DPOTrainer`` and ``RewardTrainer``
-    take (each renders ``prompt + chosen`` with the tokenizer's chat template). Rows of any layout in the
-    module docstring are read.
-
-    A row is skipped, with its index and reason in ``report.skipped`` and a warning in the log, when:
-    it is not a preference row (no chosen/rejected, bad messages), a side does not end with a non-empty
-    assistant reply, ``chosen`` equals ``rejected`` (same reply text, ignoring surrounding whitespace),
-    the prompt differs between the chosen and rejected conversations (any turn before the reply), or
-    there is no user turn. With a ``tokenizer``, a row whose chat template fails is skipped, and a row
-    whose chosen or rejected conversation is longer than ``max_length`` tokens is skipped when
-    ``drop_too_long`` (what TRL's RewardTrainer would do silently) or kept and counted otherwise (DPO
-    truncates). Raises :class:`PreferenceDataError` for an empty input or when no row is usable.
+    "rejected": [assistant reply]}``, which ``DPOTrainer`` and ``RewardTrainer`` render with the chat
+    template. A row is skipped, with its index and reason in ``report.skipped`` and a warning in the
+    log, when it is not a preference row, a side does not end with a non-empty assistant reply, the two
+    replies are the same text, the prompts differ, there is no user turn, or the chat template fails on
+    it. A side longer than ``max_length`` tokens skips the row when ``drop_too_long`` (what TRL's
+    RewardTrainer would do silently), else it is kept and counted (DPO truncates). Raises
+    :class:`PreferenceDataError` for an empty input or when no row is usable.
     """
     import datasets
 
@@ -243,9 +206,9 @@ def prepare_preference_rows(
         lengths = (0, 0)
         if problem is None and tokenizer is not None:
             try:
-                lengths = (_length(tokenizer, found[0]), _length(tokenizer, found[1]))
+                lengths = (len(chat_ids(tokenizer, found[0])), len(chat_ids(tokenizer, found[1])))
             except Exception as exc:  # a template's own error (e.g. jinja raise_exception) on one row
-                problem = f"chat template: {type(exc).__name__}: {_first_line(exc)}"
+                problem = f"chat template: {type(exc).__name__}: {first_line(exc)}"
             else:
                 if max_length is not None and max(lengths) > max_length:
                     if drop_too_long:

@@ -1,25 +1,13 @@
 """Reference log-probabilities on disk, computed once per (reference, data, tokenizer, length) key.
 
-DPO compares the policy's log-probabilities of each chosen and rejected reply with a frozen reference
-model's. The reference values never change during a run, nor between the runs of a learning-rate or
-batch-size sweep that start from the same checkpoint on the same data, so the kit computes them in one
-pass, saves them here, and every later run with the same key reads them instead of loading and running
-the reference model. TRL's own ``precompute_ref_log_probs`` caches in the ``datasets`` cache, keyed by
-a fingerprint that an in-memory dataset does not keep from one process to the next, and trusts
-whatever file it finds; this module is written by hand to give a stable key, an integrity check and a
-clear rebuild.
-
-The key is a SHA-256 over:
-
-- the reference weights (TRL's ``hash_module``: every tensor's dtype and bytes), so a retrained or
-  re-downloaded checkpoint under the same name is a new key;
-- the tokenized data (every pair's prompt, chosen and rejected token ids, in order);
-- the tokenizer and chat template (:func:`~smoltulu_utils.chat_template.template_fingerprint`);
-- the maximum length and truncation, and what else changes the numbers (dtype, TRL's ``ld_alpha``).
-
-A file is ``<key>.safetensors`` with the two tensors and, in its metadata, the key's parts, the row
-count and a SHA-256 of the tensors' bytes. A file that does not open, whose key, row count or checksum
-do not match, or that holds a non-finite value is reported, removed and recomputed, never trusted.
+DPO's reference log-probs never change within a run, nor between the runs of a sweep that start from
+the same checkpoint on the same data, so the kit computes them once and later runs read them. Written by
+hand because TRL's ``precompute_ref_log_probs`` caches under a ``datasets`` fingerprint that an in-memory
+dataset does not keep between processes, and trusts whatever file it finds. The key is a SHA-256 over
+the reference weights (TRL's ``hash_module``), the tokenized pairs, the tokenizer and chat template, and
+the length settings, dtype and ``ld_alpha``. A file (``<key>.safetensors``) keeps the key's parts, the row
+count and a checksum in its metadata; one that does not open or match, or holds a non-finite value, is
+reported, removed and recomputed.
 """
 
 from __future__ import annotations
@@ -192,13 +180,8 @@ class ReferenceCache:
             try:
                 with safe_open(str(path), framework="pt") as fh:
                     meta = fh.metadata() or {}
-                out.append(
-                    {
-                        "path": path,
-                        "n_rows": int(meta.get("n_rows", 0)),
-                        **json.loads(meta.get("parts", "{}")),
-                    }
-                )
+                parts = json.loads(meta.get("parts", "{}"))
+                out.append({"path": path, "n_rows": int(meta.get("n_rows", 0)), **parts})
             except Exception:  # noqa: BLE001 - listed files only
                 continue
         return out

@@ -1,68 +1,30 @@
-"""The reward-model stage: TRL's ``RewardTrainer`` driven by a :class:`Plan`, and the Table 8 evaluation.
+"""The reward-model stage: a one-output sequence classifier trained with TRL's ``RewardTrainer``.
 
 ::
 
     plan = resolve("rm_1130", profile="auto")
     result = train_rm(plan, "runs/rm_1130")            # model, tokenizer and rows follow the plan
     result.final_train_loss, result.eval_accuracy       # Bradley-Terry loss, held-out pair accuracy
-    ufb = evaluate_ultrafeedback(model, tokenizer)      # accuracy on UltraFeedback test_prefs
-    rb = evaluate_rewardbench(model, tokenizer)         # RewardBench subsets -> Chat, Chat Hard, ...
 
-The model is a sequence classifier with one output (``AutoModelForSequenceClassification``,
-``num_labels=1``) on top of the start checkpoint; it reads one hidden state per conversation, the one at
-the conversation's last real token, and maps it to a score ``r``. It trains on pairs with the
-Bradley-Terry loss ``-log sigmoid(r(chosen) - r(rejected))``, averaged over the pairs of a batch
-(TRL's ``RewardTrainer`` loss, without its optional margin and centering terms). A pair counts as
-correct when ``r(chosen) > r(rejected)``; a tie counts as wrong, as in RewardBench's reference code.
+The model (:func:`load_reward_model`) is the start checkpoint with a score head, reading one hidden state
+per conversation, at its last real token. It trains on pairs with TRL's Bradley-Terry loss
+``-log sigmoid(r(chosen) - r(rejected))`` (mean over a batch's pairs); a pair is correct when
+``r(chosen) > r(rejected)``, a tie counting as wrong, as in RewardBench. Evaluation for Table 8 is in
+:mod:`smoltulu_utils.rm_evaluation`.
 
-What TRL and transformers do here: tokenization with the chat template, batching, the loss, the
-training loop and the score head. What is written by hand, and why:
-
-- **Which token is scored.** transformers' sequence-classification head (5.x,
-  ``GenericForSequenceClassification``) takes the rightmost token that is not the pad id. SmolLM2 ships
-  ``pad == eos == <|im_end|>``, so a conversation that ends with ``<|im_end|>`` (a template that ends on
-  eos, TRL's text path that appends eos, a truncated reply) is scored at the token *before* its last
-  real token (TRL's PPO reward function, ``trl.experimental.utils.get_reward``, reads the token before
-  the first pad id of the response: before the first ``<|im_end|>``). SmolLM2's template ends every
-  turn with ``<|im_end|>`` and a newline, so a whole rendered conversation ends on the newline and the
-  head happens to read it; any sequence that ends on eos does not. The kit therefore (1) trains with a pad id distinct from eos (``<|endoftext|>`` for SmolLM2, see
-  :func:`score_pad_token_id`), and checks in every training step that the head's position is the last
-  attended one, and (2) scores evaluation batches at the last position of the attention mask
-  (:func:`reward_scores`), whatever the checkpoint's pad id. ``tests/test_reward_model.py`` shows the
-  wrong position and compares the kit's score with one computed by hand at the last real token.
-- **Evaluation** (:func:`score_preferences`, :func:`evaluate_rewardbench`): TRL reports a running
-  batch accuracy only; the kit keeps every pair's two scores (the figure of chosen vs rejected score
-  distributions, per-subset accuracy) and aggregates RewardBench the way its reference code does
-  (:data:`REWARDBENCH_SECTIONS`, :data:`REWARDBENCH_WEIGHTS`, :func:`rewardbench_sections`).
-- The run's bookkeeping: rows checked by :func:`smoltulu_utils.preferences.prepare_preference_rows`,
-  the manifest and parent checks, results rows for Table 8.
-
-RewardBench scoring
--------------------
-RewardBench (Lambert et al. 2024, "RewardBench: Evaluating Reward Models for Language Modeling",
-arXiv:2403.13787) scores each of its 23 subsets by pair accuracy, then groups them into four sections.
-A section's score is the mean of its subsets' accuracies *weighted by the number of prompts* of each
-subset (a per-prompt average over the section), except that in Reasoning the math subset
-(``math-prm``, 447 prompts) is up-weighted to 984, the total of the six code subsets, so math and code
-count equally, and the two XSTest subsets carry each other's count (the reference code weighs
-``xstest-should-refuse``, 154 prompts, by 250 and ``xstest-should-respond``, 250 prompts, by 154; the
-kit keeps these weights, so its Safety scores compare with the leaderboard's). The final score is the
-unweighted mean of the four section scores. This is the paper's description and its reference code
-(``rewardbench.utils.calculate_scores_per_section`` with ``EXAMPLE_COUNTS`` and ``SUBSET_MAPPING``);
-the weights are fixed numbers, not the counts of the rows at hand, so a subset of RewardBench (the
-kit's fixtures) is weighted like the full set. Note: the
-SmolTulu paper's "RB Average" is not the mean of its four section scores (RM-1130: 72.43 printed, 70.33
-computed; Tulu 3 8B RM: 81.34 vs 78.19), so the paper used another aggregate that it does not state;
-the kit's Average is RewardBench's.
+Written by hand: **which token is scored.** transformers' sequence-classification head scores the
+rightmost token that is not the pad id, and SmolLM2 pads with its eos ``<|im_end|>``, so any sequence
+that ends on eos is scored one token early. The kit trains with a pad id distinct from eos
+(:func:`score_pad_token_id`; ``<|endoftext|>`` for SmolLM2), checks in every step that the head reads the
+last attended token (:class:`KitRewardTrainer`), and scores evaluation batches at the attention mask's
+last position (:func:`reward_scores`), whatever the checkpoint's pad id. Also by hand: every pair's two
+scores (:func:`score_preferences`) and the run's bookkeeping.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import logging
-import math
-import time
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,85 +33,22 @@ from typing import TYPE_CHECKING, Any
 import torch
 from trl import RewardTrainer
 
-from .chat_template import doctor
 from .errors import KitError
-from .manifest import MANIFEST_NAME, check_parent, write_manifest
-from .preferences import PreferenceDataReport, prepare_preference_rows
+from .preferences import PreferenceDataReport, chat_ids, prepare_preference_rows
 from .recipes import RMRecipe
-from .training import (
-    check_world_size,
-    data_entry,
-    full_precision,
-    log_history,
-    save_trained_model,
-    stage_load_kwargs,
-    trainer_settings,
-    training_method,
-)
+from .training import StageResult, describe_batch, log_history, start_stage, trainer_settings, training_method
 
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
-    import pandas as pd
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
     from trl import RewardConfig
 
     from .profiles import Plan
 
-log = logging.getLogger(__name__)
-
 #: Evaluation batch size (pairs are scored as 2 x this many sequences, longest first).
 EVAL_BATCH_SIZE = 8
 #: Tokens a scored conversation keeps (kit choice: the recipes' max_length; longer ones are cut and counted).
 EVAL_MAX_LENGTH = 2048
-
-# --------------------------------------------------------------------------------------- RewardBench
-REWARDBENCH_HUB_ID = "allenai/reward-bench"
-REWARDBENCH_SPLIT = "filtered"  # the 2,985 prompts the leaderboard scores
-#: RewardBench's row fields (the Hub's ``dataset_info``), in order.
-REWARDBENCH_FIELDS = ("prompt", "chosen", "chosen_model", "rejected", "rejected_model", "subset", "id")
-#: Section -> its subsets, as RewardBench groups them (reference code: ``SUBSET_MAPPING``). The
-#: "Prior Sets" of the first leaderboard (Anthropic HH, SHP, Summarize) are no section here.
-REWARDBENCH_SECTIONS: dict[str, tuple[str, ...]] = {
-    "Chat": ("alpacaeval-easy", "alpacaeval-length", "alpacaeval-hard", "mt-bench-easy", "mt-bench-med"),
-    "Chat Hard": (
-        "mt-bench-hard", "llmbar-natural", "llmbar-adver-neighbor", "llmbar-adver-GPTInst",
-        "llmbar-adver-GPTOut", "llmbar-adver-manual",
-    ),
-    "Safety": (
-        "refusals-dangerous", "refusals-offensive", "xstest-should-refuse", "xstest-should-respond",
-        "donotanswer",
-    ),
-    "Reasoning": ("math-prm", "hep-cpp", "hep-go", "hep-java", "hep-js", "hep-python", "hep-rust"),
-}  # fmt: skip
-#: Subset -> its weight in the section mean: the reference code's ``EXAMPLE_COUNTS``
-#: (``rewardbench/constants.py``), the subset's prompt count in the filtered split, except math-prm,
-#: up-weighted from 447 to 984 = 6 x 164, the six code subsets together, so that math and code weigh the
-#: same in Reasoning (the paper's choice), and the two XSTest subsets, whose counts the reference code
-#: swaps (154 should-refuse and 250 should-respond prompts, weighted 250 and 154; XSTest has only 200
-#: unsafe prompts). The leaderboard's Safety scores use these weights, and so does the kit.
-REWARDBENCH_WEIGHTS: dict[str, int] = {
-    "alpacaeval-easy": 100, "alpacaeval-length": 95, "alpacaeval-hard": 95,
-    "mt-bench-easy": 28, "mt-bench-med": 40,
-    "mt-bench-hard": 37, "llmbar-natural": 100, "llmbar-adver-neighbor": 134,
-    "llmbar-adver-GPTInst": 92, "llmbar-adver-GPTOut": 47, "llmbar-adver-manual": 46,
-    "refusals-dangerous": 100, "refusals-offensive": 100,
-    "xstest-should-refuse": 250,  # 154 prompts, weighted 250 as the reference code does
-    "xstest-should-respond": 154,  # 250 prompts, weighted 154 as the reference code does
-    "donotanswer": 136,
-    "math-prm": 984,  # 447 prompts, counted as 984
-    "hep-cpp": 164, "hep-go": 164, "hep-java": 164, "hep-js": 164, "hep-python": 164, "hep-rust": 164,
-}  # fmt: skip
-#: The Table 8 column each recipe's run stands beside.
-RM_PAPER_MODELS = {"rm_1130": "SmolTulu RM-1130", "rm_1207": "SmolTulu RM-1207"}
-#: Table 8's labels (``smoltulu_utils.paper.RM_BENCHMARKS``) for the kit's scores.
-TABLE8_LABELS = {
-    "Chat": "RB Chat",
-    "Chat Hard": "RB Chat Hard",
-    "Safety": "RB Safety",
-    "Reasoning": "RB Reasoning",
-    "Average": "RB Average",
-    "ultrafeedback": "UFB",
-}
 
 
 class RMError(KitError, ValueError):
@@ -288,13 +187,6 @@ def load_reward_model(
 # ======================================================================================================
 # Scoring conversations and preference pairs
 # ======================================================================================================
-def _ids(tokenizer: PreTrainedTokenizerBase, conversation: list[dict]) -> list[int]:
-    ids = tokenizer.apply_chat_template(conversation, tokenize=True)
-    if hasattr(ids, "keys"):
-        ids = ids["input_ids"]
-    return [int(t) for t in ids]
-
-
 @torch.no_grad()
 def score_conversations(
     model: PreTrainedModel,
@@ -318,7 +210,7 @@ def score_conversations(
     pad = score_pad_token_id(tokenizer)
     if getattr(model.config, "pad_token_id", None) is None:  # the head refuses batches without one
         model.config.pad_token_id = pad
-    encoded = [_ids(tokenizer, c) for c in conversations]
+    encoded = [chat_ids(tokenizer, c) for c in conversations]
     truncated = sum(max_length is not None and len(ids) > max_length for ids in encoded)
     if max_length is not None:
         encoded = [ids[:max_length] for ids in encoded]
@@ -362,11 +254,6 @@ class PreferenceScores:
         return sum(self.correct) / self.n if self.n else float("nan")
 
     @property
-    def margin(self) -> float:
-        """Mean of ``r(chosen) - r(rejected)``."""
-        return sum(c - r for c, r in zip(self.chosen, self.rejected, strict=True)) / max(self.n, 1)
-
-    @property
     def loss(self) -> float:
         """Mean Bradley-Terry loss ``-log sigmoid(r(chosen) - r(rejected))`` over the pairs."""
         diffs = torch.tensor([c - r for c, r in zip(self.chosen, self.rejected, strict=True)])
@@ -382,23 +269,6 @@ class PreferenceScores:
             totals[group][0] += ok
             totals[group][1] += 1
         return {g: right / count for g, (right, count) in totals.items()}
-
-    def to_frame(self) -> pd.DataFrame:
-        """One row per pair: input row index, both scores, margin, correct (and group)."""
-        import pandas as pd
-
-        frame = pd.DataFrame(
-            {
-                "row": self.report.kept_indices,
-                "chosen": self.chosen,
-                "rejected": self.rejected,
-                "margin": [c - r for c, r in zip(self.chosen, self.rejected, strict=True)],
-                "correct": self.correct,
-            }
-        )
-        if self.groups is not None:
-            frame["group"] = self.groups
-        return frame
 
 
 def score_preferences(
@@ -426,168 +296,6 @@ def score_preferences(
     n = len(dataset)
     groups = [str(rows[i].get(group_field)) for i in report.kept_indices] if group_field else None
     return PreferenceScores(scores[:n], scores[n:], report, truncated, groups)
-
-
-def evaluate_ultrafeedback(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    *,
-    rows: Iterable[Mapping] | None = None,
-    mirror: str | Path | None = None,
-    limit: int | None = None,
-    batch_size: int = EVAL_BATCH_SIZE,
-    max_length: int | None = EVAL_MAX_LENGTH,
-) -> PreferenceScores:
-    """Pair accuracy on UltraFeedback ``test_prefs`` (Table 8's UFB): ``load_rows("ultrafeedback")`` by default.
-
-    Ties in the dataset's own ratings (``score_chosen == score_rejected``) are kept, as the split has them.
-    """
-    if rows is None:
-        from .data import load_rows
-
-        rows = load_rows("ultrafeedback", "test_prefs", mirror=mirror, limit=limit, validate=False)
-    return score_preferences(model, tokenizer, rows, batch_size=batch_size, max_length=max_length)
-
-
-# ----------------------------------------------------------------------------------- RewardBench
-def rewardbench_path(mirror: str | Path | None = None) -> Path:
-    """``{mirror}/allenai/reward-bench/default/filtered.jsonl`` (mirror: ``SMOLTULU_DATA_MIRROR``, else the fixtures)."""
-    from .paths import FIXTURES_DIR, mirror_dir
-
-    root = Path(mirror) if mirror is not None else (mirror_dir() or FIXTURES_DIR)
-    return root / REWARDBENCH_HUB_ID / "default" / f"{REWARDBENCH_SPLIT}.jsonl"
-
-
-def load_rewardbench_rows(mirror: str | Path | None = None, limit: int | None = None) -> list[dict]:
-    """RewardBench's ``filtered`` rows from a mirror file (:func:`rewardbench_path`) or the Hub.
-
-    Source: ``mirror``, else ``SMOLTULU_DATA_MIRROR``, else the Hub (``datasets.load_dataset``).
-    """
-    from .data import load_rows
-
-    rows = load_rows("rewardbench", REWARDBENCH_SPLIT, mirror=mirror, limit=limit, validate=False)
-    return [dict(r) for r in rows]
-
-
-def rewardbench_sections(
-    subset_accuracy: Mapping[str, float], weights: Mapping[str, float] = REWARDBENCH_WEIGHTS
-) -> dict[str, float | None]:
-    """Section scores in percent from per-subset accuracies (0 to 1), the way RewardBench aggregates.
-
-    Each section is the mean of its subsets' accuracies weighted by :data:`REWARDBENCH_WEIGHTS`; a
-    subset with no rows is left out of its section (as the reference code does), a section with none
-    is None. ``"Average"`` is the unweighted mean of the four sections (None unless all four exist).
-    Subsets outside the four sections are ignored.
-    """
-    out: dict[str, float | None] = {}
-    for section, subsets in REWARDBENCH_SECTIONS.items():
-        present = [s for s in subsets if s in subset_accuracy]
-        total = sum(weights[s] for s in present)
-        out[section] = 100 * sum(subset_accuracy[s] * weights[s] for s in present) / total if total else None
-    values = [v for v in out.values() if v is not None]
-    out["Average"] = sum(values) / len(values) if len(values) == len(REWARDBENCH_SECTIONS) else None
-    return out
-
-
-@dataclass
-class RewardBenchResult:
-    """RewardBench scores: every pair's scores, accuracy per subset (0 to 1), sections in percent."""
-
-    scores: PreferenceScores
-    subset_accuracy: dict[str, float]
-    sections: dict[str, float | None]
-    subset_counts: dict[str, int]
-    unknown_subsets: list[str] = field(default_factory=list)  # rows in no section (not scored in sections)
-
-    def describe(self) -> str:
-        parts = [f"{k} {v:.1f}" for k, v in self.sections.items() if v is not None]
-        return f"RewardBench on {self.scores.n} pairs: " + ", ".join(parts)
-
-
-def evaluate_rewardbench(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    *,
-    rows: Iterable[Mapping] | None = None,
-    mirror: str | Path | None = None,
-    limit: int | None = None,
-    per_subset: int | None = None,
-    batch_size: int = EVAL_BATCH_SIZE,
-    max_length: int | None = EVAL_MAX_LENGTH,
-) -> RewardBenchResult:
-    """Per-subset accuracy and the four section scores (and their Average) of RewardBench's layout.
-
-    Rows: ``prompt``, ``chosen``, ``rejected`` (strings) and ``subset``; default
-    :func:`load_rewardbench_rows` (the first ``limit``). ``per_subset`` keeps the first that many rows
-    of every subset (a quick look that still fills every section). Bad rows are skipped and reported
-    in ``result.scores.report``.
-    """
-    rows = list(load_rewardbench_rows(mirror, limit) if rows is None else rows)
-    if per_subset is not None:
-        seen: dict[Any, int] = {}
-        kept = []
-        for row in rows:
-            key = row.get("subset") if isinstance(row, Mapping) else None
-            seen[key] = seen.get(key, 0) + 1
-            if seen[key] <= per_subset:
-                kept.append(row)
-        rows = kept
-    scores = score_preferences(
-        model, tokenizer, rows, group_field="subset", batch_size=batch_size, max_length=max_length
-    )
-    accuracy = scores.by_group()
-    counts: dict[str, int] = {}
-    for group in scores.groups or []:
-        counts[group] = counts.get(group, 0) + 1
-    unknown = sorted(g for g in accuracy if g not in REWARDBENCH_WEIGHTS)
-    return RewardBenchResult(scores, accuracy, rewardbench_sections(accuracy), counts, unknown)
-
-
-def table8_rows(
-    *,
-    model: str,
-    run_id: str,
-    ultrafeedback: PreferenceScores | None = None,
-    rewardbench: RewardBenchResult | None = None,
-    paper_model: str | None = None,
-    settings: Mapping[str, Any] | None = None,
-    stage: str = "rm",
-) -> list[dict[str, Any]]:
-    """Results rows (percent) for ``ResultsStore``: Table 8's RB sections, RB Average and UFB, plus
-    one ``RewardBench/<subset>`` row per subset. ``paper_model`` names the Table 8 column it reproduces."""
-    base: dict[str, Any] = {"run_id": run_id, "stage": stage, "model": model, "metric": "accuracy"}
-    if paper_model:
-        base["paper_model"] = paper_model
-    base["settings"] = dict(settings or {})
-    rows = []
-    if rewardbench is not None:
-        for section, value in rewardbench.sections.items():
-            if value is not None:
-                n = (
-                    rewardbench.scores.n
-                    if section == "Average"
-                    else sum(rewardbench.subset_counts.get(s, 0) for s in REWARDBENCH_SECTIONS[section])
-                )
-                rows.append({**base, "benchmark": TABLE8_LABELS[section], "value": value, "n": n})
-        for subset, value in rewardbench.subset_accuracy.items():
-            rows.append(
-                {
-                    **base,
-                    "benchmark": f"RewardBench/{subset}",
-                    "value": 100 * value,
-                    "n": rewardbench.subset_counts[subset],
-                }
-            )
-    if ultrafeedback is not None and ultrafeedback.n:
-        rows.append(
-            {
-                **base,
-                "benchmark": TABLE8_LABELS["ultrafeedback"],
-                "value": 100 * ultrafeedback.accuracy,
-                "n": ultrafeedback.n,
-            }
-        )
-    return rows
 
 
 # ======================================================================================================
@@ -669,46 +377,35 @@ def build_rm_trainer(
 # The stage
 # ======================================================================================================
 @dataclass
-class RMResult:
+class RMResult(StageResult):
     """What one reward-model run did. Accuracies are shares of held-out pairs (0 to 1), losses Bradley-Terry."""
 
-    output_dir: Path
-    steps: int
-    train_loss: list[tuple[int, float]]  # (optimizer step, mean Bradley-Terry loss of that step's pairs)
-    final_train_loss: float | None
-    eval_loss: float | None  # mean Bradley-Terry loss on the eval rows after training; None without them
-    eval_accuracy: float | None  # share of eval pairs with r(chosen) > r(rejected), after training
-    eval_accuracy_before: float | None  # the same before training (the fresh head)
-    trained_tokens: int  # tokens of chosen and rejected sequences seen in training (padding never counts)
-    wall_seconds: float
-    learning_rate: float
-    effective_batch_size: int  # preference pairs per optimizer step
-    method: str = "full"
+    eval_loss: float | None = None  # mean Bradley-Terry loss on the eval rows after training
+    eval_accuracy: float | None = None  # share of eval pairs with r(chosen) > r(rejected), after training
+    eval_accuracy_before: float | None = None  # the same before training (the fresh head)
+    trained_tokens: int = 0  # tokens of chosen and rejected sequences seen in training (never padding)
     train_accuracy: list[tuple[int, float]] = field(default_factory=list)  # TRL's batch accuracy per step
-    data_report: PreferenceDataReport | None = None
     eval_scores: PreferenceScores | None = None
     manifest: dict[str, Any] | None = None
-    notes: list[str] = field(default_factory=list)
 
     @property
     def tokens_seen(self) -> int:
         """Same as ``trained_tokens`` (the sweep's name)."""
         return self.trained_tokens
 
+    def training_curves(self) -> dict[str, list[tuple[int, float]]]:
+        return {"train_loss": self.train_loss, "train_accuracy": self.train_accuracy}
+
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["output_dir"] = str(self.output_dir)
-        out["data_report"] = self.data_report.to_dict() if self.data_report else None
+        out = super().to_dict()
         out.pop("eval_scores")
         return out
 
 
 def _method(plan: Plan, peft_config: Any, model_given: bool, quantization_config: Any = None):
-    """The stages' choice of full / LoRA / QLoRA (:func:`~smoltulu_utils.training.training_method`), with
-    LoRA adapters for a score head (the head itself trains in full and is saved with the adapters)."""
-    chosen = training_method(
-        plan, peft_config, model_given=model_given, quantization_config=quantization_config
-    )
+    """:func:`~smoltulu_utils.training.training_method`, with LoRA adapters for a score head (the head
+    itself trains in full and is saved with the adapters)."""
+    chosen = training_method(plan, peft_config, model_given, quantization_config)
     if peft_config is None and chosen.method in ("lora", "qlora"):
         from .memory import lora_config
 
@@ -734,60 +431,25 @@ def train_rm(
 ) -> RMResult:
     """Train the reward model of ``plan`` and save model, tokenizer and ``manifest.json`` in ``output_dir``.
 
-    Mirrors :func:`smoltulu_utils.sft.train_sft`: the tokenizer and model come from ``parent`` when
-    given (a kit checkpoint folder, e.g. the DPO run, or a Hub id), else from ``plan.model``; a causal
-    LM gets a fresh score head (:func:`load_reward_model`, seeded by the recipe). The rows default to
-    ``load_rows(recipe.dataset)`` from the profile's data, at most ``plan.max_train_samples``. A kit
-    checkpoint parent must share the tokenizer and chat template (:func:`check_parent`), and the
-    chat-template doctor must pass, before anything trains. Bad pairs are skipped and reported
-    (``result.data_report``); no usable pair raises :class:`~smoltulu_utils.preferences.PreferenceDataError`.
-    With ``eval_rows`` the held-out pairs are scored before (``eval_before``) and after training. A
-    causal LM passed as ``model`` is wrapped in a new reward model (the trained one is saved in
-    ``output_dir``); a reward model passed in trains in place. Full fine-tuning trains float32 weights
-    whatever the checkpoint's dtype; ``peft_config`` (LoRA), ``quantization_config`` (QLoRA) or the
-    memory plan choose adapters, merged with the trained score head into the saved model, so the PPO
-    value model starts from a plain checkpoint. A tokenizer without a chat template gets the kit's.
+    The stage skeleton (:func:`~smoltulu_utils.training.start_stage`) loads the tokenizer and model from
+    ``parent`` (a kit checkpoint folder, e.g. the DPO run, checked against the tokenizer, or a Hub id) or
+    ``plan.model``, as :func:`~smoltulu_utils.sft.train_sft` does; a causal LM, loaded or passed in, gets
+    a fresh score head seeded by the recipe (:func:`load_reward_model`), and a reward model passed in
+    trains in place. Bad pairs are skipped and reported (``result.data_report``); no usable pair raises
+    :class:`~smoltulu_utils.preferences.PreferenceDataError`. With ``eval_rows`` the held-out pairs are
+    scored before (``eval_before``) and after training. LoRA/QLoRA adapters are merged with the trained
+    score head into the saved model, so the PPO value model starts from a plain checkpoint.
     """
-    from .data import load_rows
-    from .models import adapt_tokenizer, load_tokenizer, match_model_to_tokenizer
-    from .profiles import data_mirror
-
     recipe = plan.recipe
-    if not isinstance(recipe, RMRecipe):
-        raise RMError(
-            f"train_rm needs a plan for a reward-model recipe, got stage {recipe.stage!r} ({recipe.name})"
-        )
-    check_world_size(plan)
-    output_dir = Path(output_dir)
-    source = str(parent) if parent is not None else plan.model
-    folder = Path(source).expanduser()
-    is_checkpoint = folder.is_dir() and (folder / MANIFEST_NAME).is_file()
-    adapted: list[str] = []
-    if tokenizer is None:
-        tokenizer = load_tokenizer(source)
-        adapted = adapt_tokenizer(tokenizer)  # a base model's tokenizer gets the kit's chat template
-    if folder.is_dir() and (parent is not None or is_checkpoint):
-        check_parent(folder, tokenizer)
-    doctor(tokenizer).raise_for_problems()
-
+    run = start_stage(
+        plan, RMRecipe, output_dir, caller="train_rm", error=RMError, tokenizer=tokenizer, parent=parent
+    )
+    tokenizer, output_dir, notes = run.tokenizer, run.output_dir, run.notes
     chosen = _method(plan, peft_config, model is not None, quantization_config)
-    method, notes = chosen.method, list(chosen.notes)
-    if model is None:
-        model = load_reward_model(source, seed=recipe.seed, **stage_load_kwargs(chosen, source))
-    else:
+    if model is not None:
         model = load_reward_model(model, seed=recipe.seed)
-    if method == "full" and (cast := full_precision(model)):
-        notes.append(cast)
-    if adapted:
-        adapted += match_model_to_tokenizer(model, tokenizer)
-        notes.append("tokenizer adapted: " + "; ".join(adapted))
-
-    given = rows is not None
-    if rows is None:
-        rows = load_rows(
-            recipe.dataset, mirror=data_mirror(plan.profile), limit=plan.max_train_samples, validate=False
-        )
-    train_dataset, report = prepare_preference_rows(rows, tokenizer, plan.max_length)
+    model = run.load_model(model, chosen=chosen, load=functools.partial(load_reward_model, seed=recipe.seed))
+    train_dataset, report = prepare_preference_rows(run.rows(rows), tokenizer, plan.max_length)
     eval_list = list(eval_rows) if eval_rows is not None else None
     accuracy_before = None
     if eval_list is not None and eval_before:
@@ -813,87 +475,45 @@ def train_rm(
     if verbose and main:
         print(
             f"RM {recipe.name}: {report.describe().splitlines()[0]}\n"
-            f"  {method} fine-tuning, Bradley-Terry loss, effective batch {plan.effective_batch_size} pairs = "
-            f"{plan.per_device_batch_size} x {plan.gradient_accumulation_steps} x {plan.num_processes}, "
+            f"  {chosen.method} fine-tuning, Bradley-Terry loss, {describe_batch(plan)} pairs, "
             f"LR {plan.learning_rate:g}, {plan.max_steps or recipe.num_epochs} "
             f"{'steps' if plan.max_steps else 'epochs'}"
         )
-    start = time.perf_counter()
-    trainer.train()
-    wall = time.perf_counter() - start
-
+    wall = run.train(trainer)
     trained = trainer.model
     # The checkpoint keeps its parent's tokenizer and pad id; the kit scores by attention mask.
     trained.config.get_text_config().pad_token_id = tokenizer.pad_token_id
     eval_scores = None
     if eval_list is not None:
         eval_scores = score_preferences(trained, tokenizer, eval_list, max_length=plan.max_length)
-    history = trainer.state.log_history
-    train_loss = log_history(history, "loss")
-    final = train_loss[-1][1] if train_loss else None
-    if final is not None and not math.isfinite(final):
-        notes.append(f"the final training loss is {final}: lower the learning rate")
-    tokens = log_history(history, "num_tokens")
-    result = RMResult(
-        output_dir=output_dir,
-        steps=int(trainer.state.global_step),
-        train_loss=train_loss,
-        final_train_loss=final,
+    tokens = log_history(trainer.state.log_history, "num_tokens")
+    result = run.result(
+        RMResult,
+        trainer,
+        "loss",
+        wall,
+        report,
         eval_loss=eval_scores.loss if eval_scores else None,
         eval_accuracy=eval_scores.accuracy if eval_scores else None,
         eval_accuracy_before=accuracy_before,
         trained_tokens=int(tokens[-1][1]) if tokens else int(getattr(trainer, "_total_train_tokens", 0)),
-        wall_seconds=wall,
-        learning_rate=plan.learning_rate,
-        effective_batch_size=plan.effective_batch_size,
-        method=method,
-        train_accuracy=log_history(history, "accuracy"),
-        data_report=report,
+        train_accuracy=log_history(trainer.state.log_history, "accuracy"),
         eval_scores=eval_scores,
-        notes=notes,
     )
-
-    def reload_base():  # QLoRA: the base in full precision (a fresh head: the adapter holds the trained one)
-        base = load_reward_model(source, seed=recipe.seed, dtype="float32")
-        if adapted:
-            match_model_to_tokenizer(base, tokenizer)
-        return base
-
-    saved = save_trained_model(trainer, output_dir, chosen, reload_base=reload_base)
-    if main:
-        tokenizer.save_pretrained(output_dir)  # the original tokenizer, over the trainer's padded copy
-        result.manifest = write_manifest(
-            output_dir,
-            stage="rm",
-            recipe=recipe,
-            data=[data_entry(plan, report, given, "train_rm")],
-            tokenizer=tokenizer,
-            seed=recipe.seed,
-            parent=source if is_checkpoint or not folder.is_dir() else None,
-            extra={
-                "started_from": source,
-                "plan": plan.to_dict(),
-                "method": method,
-                "merged": saved["merged"],
-                "weights_dtype": saved["dtype"],
-                "tokenizer_adapted": adapted,
-                "loss": "bradley_terry_mean",
-                "score_position": "last real token (attention mask); training pad id "
-                f"{pad_id}, distinct from eos {tokenizer.eos_token_id}",
-                "max_grad_norm": trainer.args.max_grad_norm,
-                "steps": result.steps,
-                "final_train_loss": final,
-                "eval_loss": result.eval_loss,
-                "eval_accuracy": result.eval_accuracy,
-                "eval_accuracy_before": accuracy_before,
-                "trained_tokens": result.trained_tokens,
-                "wall_seconds": wall,
-                "data_report": report.to_dict(),
-                "notes": notes,
-            },
-        )
+    extra = {
+        "loss": "bradley_terry_mean",
+        "score_position": "last real token (attention mask); training pad id "
+        f"{pad_id}, distinct from eos {tokenizer.eos_token_id}",
+        "max_grad_norm": trainer.args.max_grad_norm,
+        "eval_loss": result.eval_loss,
+        "eval_accuracy": result.eval_accuracy,
+        "eval_accuracy_before": accuracy_before,
+        "trained_tokens": result.trained_tokens,
+    }
+    result.manifest = run.finish("rm", result, extra, trainer=trainer)
     if verbose and main:
-        first = train_loss[0][1] if train_loss else float("nan")
+        first = result.train_loss[0][1] if result.train_loss else float("nan")
+        final = result.final_train_loss
         accuracy = (
             f", eval accuracy {accuracy_before if accuracy_before is not None else float('nan'):.3f} -> "
             f"{result.eval_accuracy:.3f}"

@@ -6,78 +6,32 @@
     result = train_sft(plan, "runs/sft_1130")      # model, tokenizer and rows follow the plan
     result.train_loss[-1], result.trained_tokens    # per-token loss after the last step, tokens seen
 
-What TRL does here: the training loop, batching and padding (or padding-free batches), labels from an
-assistant mask, the fused LM head, gradient accumulation and distributed training through Accelerate.
-What is written by hand, because neither TRL nor transformers offers it:
+TRL does the training loop, batching, labels from an assistant mask, gradient accumulation and
+distributed training. Written by hand, because neither TRL nor transformers offers it:
 
 - **Which tokens train.** SmolLM2's chat template has no ``{% generation %}`` markers, so TRL's
-  ``assistant_only_loss`` cannot find the assistant turns. :func:`prepare_sft_rows` tokenizes each
-  conversation with the kit's :func:`~smoltulu_utils.chat_template.assistant_token_mask` (every
-  assistant turn's content and its ``<|im_end|>``) and hands TRL ``input_ids`` and ``assistant_masks``,
-  the columns TRL 1.16 turns into labels for pre-tokenized data. Rows that cannot train (no assistant
-  turn, an empty reply, a template that does not tokenize consistently, nothing left to train after
-  truncation) are skipped and reported with their index and reason instead of stopping the run.
+  ``assistant_only_loss`` cannot find the assistant turns: :func:`prepare_sft_rows` hands TRL
+  ``input_ids`` and ``assistant_masks`` from :func:`~smoltulu_utils.chat_template.assistant_token_mask`
+  and skips (and reports) rows that cannot train.
 - **The loss reduction** (:class:`TuluSFTTrainer`). TRL averages the token losses over the effective
-  batch; Tulu 3 sums them.
-- **The LM head on a CPU** (:mod:`~smoltulu_utils.lm_head`): TRL's chunked LM-head loss saves GPU
-  memory but is several times slower than the plain LM head and one log-softmax on a CPU, so the kit
-  uses the latter there (same loss and gradient).
-- The run's bookkeeping: the per-token loss history, trained-token count, manifest and parent checks.
-
-Loss reduction
---------------
-With ``T`` the trained tokens of one optimizer step (every micro-batch of the gradient accumulation,
-on every process) and ``l_t`` their negative log-likelihoods::
-
-    mean:  L = (1/|T|) * sum_{t in T} l_t     (TRL's default: divided by ``num_items_in_batch``)
-    sum:   L = sum_{t in T} l_t = |T| * L_mean
-
-The kit computes "sum" as TRL's mean loss times ``num_items_in_batch``, the trained-token count of the
-whole effective batch that the Trainer counts before the step, so the micro-batches' gradients add up
-to the sum over the whole effective batch, and DDP's averaging over processes is undone by the factor
-TRL already applies. Hence ``grad L_sum = |T| * grad L_mean``:
-
-- With plain SGD, "sum" multiplies the learning rate by the trained tokens per step: LR x tokens per
-  step is what sets the step size. The reasoning behind an LR/BS ratio (SGD's gradient noise scales as
-  LR / BS) is made for a mean loss over BS sequences; with a summed loss and SGD, two runs with the
-  same LR and BS but longer answers would take larger steps, and the ratio would not describe them.
-- With AdamW (Tulu 3, SmolTulu and the kit) the update divides by the running RMS of the gradient, so a
-  constant factor cancels (up to AdamW's epsilon). What remains is a re-weighting between steps: a step
-  with more trained tokens than recent steps moves the weights more (its effective LR is about
-  LR x |T_t| / RMS of recent |T|), i.e. every token weighs the same instead of every step. The paper's
-  LR/BS ratio keeps its meaning up to this re-weighting.
-- Gradient clipping at 1.0 (the recipes' ``max_grad_norm``; Tulu 3: open-instruct's ``finetune.py``
-  leaves its own ``clip_grad_norm`` off, but its DeepSpeed configs say ``"gradient_clipping": "auto"``,
-  which Accelerate fills with 1.0). The summed gradient's norm is |T| times the mean's, far above 1, so
-  the clip rescales nearly every step's gradient to g / |g|, norm 1, before AdamW's normalisation: the
-  step keeps the direction of the mean, its size no longer grows with |T|, and the re-weighting between
-  steps above is gone (every step weighs the same; within a step, every token still does).
-  ``max_grad_norm: 0.0`` in a recipe turns clipping off.
-- open-instruct's own "sum" divides each micro-batch's sum by the accumulation steps (Accelerate's
-  ``backward``) and averages over processes (DDP): its gradient is the kit's divided by a constant
-  (accumulation steps x processes), which AdamW cancels.
-
-Packing
--------
-A recipe with ``packing: true`` trains *padding-free*: each per-device batch of whole examples is laid
-end to end in one row with ``position_ids`` restarting at 0 for each example (TRL's
-``padding_free``), and transformers (``masking_utils.find_packed_sequence_indices``) turns those
-positions into a block-diagonal causal mask for sdpa and eager attention, so examples never attend to
-each other. That mask still makes sdpa score every pair of positions in the row, so while it trains an
-sdpa model runs :mod:`~smoltulu_utils.packed_attention` instead, one causal sdpa per example (same
-result, a fraction of the work). TRL's bin packing (``packing=True``) is not used: it would change how many examples make
-one optimizer step, and so the effective batch the LR/BS ratio is about. The kit checks on CPU that the
-padding-free loss equals the padded loss (``tests/test_sft.py``); an attention implementation it has
-not checked falls back to padded batches, with a note.
+  batch; Tulu 3 sums them. "sum" is TRL's mean times ``num_items_in_batch``, the trained-token count of
+  the whole effective batch, so ``grad L_sum = |T| * grad L_mean``. AdamW cancels the constant factor
+  up to a re-weighting between steps, and the recipes' gradient clip at 1.0 (Tulu 3's DeepSpeed
+  ``gradient_clipping: auto``) rescales nearly every summed gradient to norm 1, so the paper's LR/BS
+  ratio keeps its meaning. Notebook 02 derives this step by step.
+- **Padding-free batches** for ``packing: true``: each per-device batch laid end to end with
+  ``position_ids`` restarting per example (TRL's ``padding_free``; transformers builds the
+  block-diagonal mask), so the effective batch stays the recipe's (TRL's bin packing would change it).
+  An sdpa model runs :mod:`~smoltulu_utils.packed_attention` meanwhile; an attention implementation the
+  kit has not checked against padded batches falls back to padding, with a note.
+- **The LM head on a CPU** (:mod:`~smoltulu_utils.lm_head`): the plain head and one log-softmax, several
+  times faster there than TRL's chunked loss (same loss and gradient).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
-import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -85,23 +39,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from trl import SFTTrainer
 
-from .chat_template import ChatTemplateError, assistant_token_mask, doctor
-from .data_checks import SkippedRow, SkipReport
-from .errors import KitError
+from .chat_template import IGNORE_INDEX, ChatTemplateError, assistant_token_mask
+from .data_checks import SkippedRow, SkipReport, conversation_problem
+from .errors import KitError, first_line
 from .lm_head import use_plain_lm_head
-from .manifest import MANIFEST_NAME, check_parent, write_manifest
 from .packed_attention import restore_attention, use_packed_attention
 from .recipes import SFTRecipe
-from .training import (
-    check_world_size,
-    data_entry,
-    full_precision,
-    log_history,
-    save_trained_model,
-    stage_load_kwargs,
-    trainer_settings,
-    training_method,
-)
+from .training import StageResult, describe_batch, log_history, start_stage, trainer_settings
 
 if TYPE_CHECKING:  # pragma: no cover
     import datasets
@@ -112,8 +56,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
-ROLES = ("system", "user", "assistant")
 #: Attention implementations that keep the examples of a padding-free row apart: sdpa and eager through
 #: transformers' block-diagonal mask (checked against padded batches in the kit's tests), FlashAttention
 #: through the sequence boundaries (cu_seq_lens) TRL's collator passes, TRL's own padding-free path.
@@ -148,34 +90,6 @@ class SFTDataReport(SkipReport):
         return "\n".join(lines + self.skipped_lines())
 
 
-def _conversation_problem(row: Any) -> str | None:
-    """Why a row cannot be an SFT conversation, or None."""
-    messages = row.get("messages") if isinstance(row, Mapping) else None
-    if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
-        return "no conversation: 'messages' is missing, empty or not a list"
-    replies = 0
-    for i, message in enumerate(messages):
-        if not isinstance(message, Mapping):
-            return f"bad message: message {i} is {type(message).__name__}, not a dict"
-        role, content = message.get("role"), message.get("content")
-        if role not in ROLES:
-            return f"bad message: message {i} has role {role!r} (expected one of {', '.join(ROLES)})"
-        if not isinstance(content, str):
-            return f"bad message: message {i} content is {type(content).__name__}, not str"
-        if role == "assistant":
-            replies += 1
-            if not content.strip():
-                return f"empty assistant reply: message {i} has no text"
-    if not replies:
-        return "no assistant turn: nothing to train"
-    return None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
 def prepare_sft_rows(
     rows: Iterable[Mapping], tokenizer: PreTrainedTokenizerBase, max_length: int
 ) -> tuple[datasets.Dataset, SFTDataReport]:
@@ -201,14 +115,14 @@ def prepare_sft_rows(
     n_rows = n_truncated = trained = total = 0
     for index, row in enumerate(rows):
         n_rows += 1
-        problem = _conversation_problem(row)
+        problem = conversation_problem(row.get("messages") if isinstance(row, Mapping) else None)
         if problem is None:
             try:
                 ids, mask = assistant_token_mask(tokenizer, list(row["messages"]))
             except ChatTemplateError as exc:
-                problem = f"chat template: {_first_line(exc)}"
+                problem = f"chat template: {first_line(exc)}"
             except Exception as exc:  # a template's own error (e.g. jinja raise_exception) on one row
-                problem = f"chat template: {type(exc).__name__}: {_first_line(exc)}"
+                problem = f"chat template: {type(exc).__name__}: {first_line(exc)}"
         if problem is None:
             cut = len(ids) > max_length
             ids, mask = ids[:max_length], mask[:max_length]
@@ -451,30 +365,14 @@ def build_trainer(
 # The stage
 # ======================================================================================================
 @dataclass
-class SFTResult:
+class SFTResult(StageResult):
     """What one SFT run did. Losses are per trained token (comparable across reductions)."""
 
-    output_dir: Path
-    steps: int
-    train_loss: list[tuple[int, float]]  # (optimizer step, mean NLL of that step's trained tokens)
-    final_train_loss: float | None
-    eval_loss: float | None  # mean NLL over the eval rows' trained tokens; None without eval_rows
-    trained_tokens: int  # tokens with a label over all steps (padding never counts)
-    wall_seconds: float
-    learning_rate: float
-    effective_batch_size: int
+    eval_loss: float | None = None  # mean NLL over the eval rows' trained tokens; None without eval_rows
+    trained_tokens: int = 0  # tokens with a label over all steps (padding never counts)
     loss_reduction: str = "sum"
     padding_free: bool = False
-    method: str = "full"
     objective: list[tuple[int, float]] = field(default_factory=list)  # the logged loss (summed for "sum")
-    data_report: SFTDataReport | None = None
-    notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["output_dir"] = str(self.output_dir)
-        out["data_report"] = self.data_report.to_dict() if self.data_report else None
-        return out
 
 
 def train_sft(
@@ -494,60 +392,21 @@ def train_sft(
 ) -> SFTResult:
     """Run the SFT stage of ``plan`` and save model, tokenizer and ``manifest.json`` in ``output_dir``.
 
-    Defaults: the tokenizer and model are loaded from ``parent`` when given (a kit checkpoint folder, or
-    a Hub id), else from ``plan.model``; the rows are ``load_rows(recipe.dataset)`` from the profile's
-    data (fixtures in the smoke profile), at most ``plan.max_train_samples``. A kit checkpoint ``parent``
-    must have been trained with the same tokenizer and chat template (:func:`check_parent`), and the
-    chat-template doctor must pass, before anything trains. With ``plan.peft == "auto"`` on a GPU the
-    memory planner picks full fine-tuning, LoRA or QLoRA (``smoltulu_utils.memory``); ``peft_config``
-    asks for LoRA, ``quantization_config`` with it for QLoRA (the stage loads the 4-bit model). Full
-    fine-tuning trains float32 weights, whatever the checkpoint's dtype; a LoRA or QLoRA run saves the
-    adapter merged into float32 base weights, a plain model the next stage loads as any checkpoint
-    (:func:`~smoltulu_utils.training.save_trained_model`). A tokenizer without a chat template (a base
-    model's) gets the kit's (:func:`~smoltulu_utils.models.adapt_tokenizer`), recorded in the manifest's
-    ``extra["tokenizer_adapted"]``. Bad rows are skipped and reported (``result.data_report``), never
-    fatal; a run with no usable row raises :class:`SFTError`.
+    The stage skeleton (:func:`~smoltulu_utils.training.start_stage`) loads the tokenizer and model from
+    ``parent`` (a kit checkpoint folder, checked against the tokenizer and template, or a Hub id) or
+    ``plan.model``, gives a base model's tokenizer the kit's chat template, and picks full fine-tuning
+    (float32 master weights), LoRA (``peft_config``) or QLoRA (with ``quantization_config``; or the
+    memory plan on a GPU); adapters are merged into the saved model. The rows default to the recipe's
+    dataset from the profile's data, at most ``plan.max_train_samples``. Bad rows are skipped and
+    reported (``result.data_report``); a run with no usable row raises :class:`SFTError`.
     """
-    from .data import load_rows
-    from .models import adapt_tokenizer, load_model, load_tokenizer, match_model_to_tokenizer
-    from .profiles import data_mirror
-
     recipe = plan.recipe
-    if not isinstance(recipe, SFTRecipe):
-        raise SFTError(
-            f"train_sft needs a plan for an SFT recipe, got stage {recipe.stage!r} ({recipe.name})"
-        )
-    check_world_size(plan)
-    output_dir = Path(output_dir)
-    source = str(parent) if parent is not None else plan.model
-    folder = Path(source).expanduser()
-    is_checkpoint = folder.is_dir() and (folder / MANIFEST_NAME).is_file()
-    adapted: list[str] = []
-    if tokenizer is None:
-        tokenizer = load_tokenizer(source)
-        adapted = adapt_tokenizer(tokenizer)  # a base model's tokenizer gets the kit's chat template
-    if folder.is_dir() and (parent is not None or is_checkpoint):
-        check_parent(folder, tokenizer)  # a parent folder must be a kit checkpoint with our template
-    doctor(tokenizer).raise_for_problems()
-
-    chosen = training_method(
-        plan, peft_config, model_given=model is not None, quantization_config=quantization_config
+    run = start_stage(
+        plan, SFTRecipe, output_dir, caller="train_sft", error=SFTError, tokenizer=tokenizer, parent=parent
     )
-    method, notes = chosen.method, list(chosen.notes)
-    if model is None:
-        model = load_model(source, **stage_load_kwargs(chosen, source))
-    if method == "full" and (cast := full_precision(model)):
-        notes.append(cast)
-    if adapted:
-        adapted += match_model_to_tokenizer(model, tokenizer)
-        notes.append("tokenizer adapted: " + "; ".join(adapted))
-
-    given = rows is not None
-    if rows is None:
-        rows = load_rows(
-            recipe.dataset, mirror=data_mirror(plan.profile), limit=plan.max_train_samples, validate=False
-        )
-    train_dataset, report = prepare_sft_rows(rows, tokenizer, plan.max_length)
+    tokenizer, output_dir, notes = run.tokenizer, run.output_dir, run.notes
+    model = run.load_model(model, peft_config=peft_config, quantization_config=quantization_config)
+    train_dataset, report = prepare_sft_rows(run.rows(rows), tokenizer, plan.max_length)
     if report.n_kept == 0:
         raise SFTError(f"no usable SFT rows: {report.describe()}")
     eval_dataset = None
@@ -572,23 +431,19 @@ def train_sft(
         padding_free=padding_free,
         loss_reduction=recipe.loss_reduction,
         callbacks=callbacks,
-        peft_config=chosen.peft_config,
+        peft_config=run.chosen.peft_config,
         max_grad_norm=max_grad_norm,
     )
     main = trainer.is_world_process_zero()
     if verbose and main:
         print(
             f"SFT {recipe.name}: {report.describe().splitlines()[0]}\n"
-            f"  {method} fine-tuning, loss {recipe.loss_reduction} over tokens, "
-            f"{'padding-free' if padding_free else 'padded'} batches, effective batch "
-            f"{plan.effective_batch_size} = {plan.per_device_batch_size} x {plan.gradient_accumulation_steps} x "
-            f"{plan.num_processes}, LR {plan.learning_rate:g}, "
-            f"{plan.max_steps or recipe.num_epochs} {'steps' if plan.max_steps else 'epochs'}"
+            f"  {run.chosen.method} fine-tuning, loss {recipe.loss_reduction} over tokens, "
+            f"{'padding-free' if padding_free else 'padded'} batches, {describe_batch(plan)}, "
+            f"LR {plan.learning_rate:g}, {plan.max_steps or recipe.num_epochs} "
+            f"{'steps' if plan.max_steps else 'epochs'}"
         )
-    start = time.perf_counter()
-    trainer.train()
-    wall = time.perf_counter() - start
-
+    wall = run.train(trainer)
     eval_loss = None
     if eval_dataset is not None:
         metrics = trainer.evaluate()
@@ -596,67 +451,24 @@ def train_sft(
 
     restore_attention(model, trainer.attention_before)  # the trained model leaves as it came
     trainer.attention_before = None
-    history = trainer.state.log_history
-    train_loss = log_history(history, "loss_per_token")
-    final = train_loss[-1][1] if train_loss else None
-    result = SFTResult(
-        output_dir=output_dir,
-        steps=int(trainer.state.global_step),
-        train_loss=train_loss,
-        final_train_loss=final,
+    result = run.result(
+        SFTResult,
+        trainer,
+        "loss_per_token",
+        wall,
+        report,
         eval_loss=eval_loss,
         trained_tokens=int(trainer.trained_tokens),
-        wall_seconds=wall,
-        learning_rate=plan.learning_rate,
-        effective_batch_size=plan.effective_batch_size,
         loss_reduction=recipe.loss_reduction,
         padding_free=padding_free,
-        method=method,
-        objective=log_history(history, "loss"),
-        data_report=report,
-        notes=notes,
+        objective=log_history(trainer.state.log_history, "loss"),
     )
-    if final is not None and not math.isfinite(final):
-        notes.append(f"the final training loss is {final}: lower the learning rate")
-
-    def reload_base():  # QLoRA: the base in full precision, to merge the adapter into
-        base = load_model(source, dtype="float32")
-        if adapted:
-            match_model_to_tokenizer(base, tokenizer)
-        return base
-
-    saved = save_trained_model(trainer, output_dir, chosen, reload_base=reload_base)
-    if main:
-        tokenizer.save_pretrained(output_dir)
-        write_manifest(
-            output_dir,
-            stage="sft",
-            recipe=recipe,
-            data=[data_entry(plan, report, given, "train_sft")],
-            tokenizer=tokenizer,
-            seed=recipe.seed,
-            parent=source if is_checkpoint or not folder.is_dir() else None,
-            extra={
-                "started_from": source,
-                "plan": plan.to_dict(),
-                "method": method,
-                "merged": saved["merged"],
-                "weights_dtype": saved["dtype"],
-                "tokenizer_adapted": adapted,
-                "loss_reduction": recipe.loss_reduction,
-                "padding_free": padding_free,
-                "max_grad_norm": trainer.args.max_grad_norm,
-                "steps": result.steps,
-                "final_train_loss": final,
-                "eval_loss": eval_loss,
-                "trained_tokens": result.trained_tokens,
-                "wall_seconds": wall,
-                "data_report": report.to_dict(),
-                "notes": notes,
-            },
-        )
+    extra = {"loss_reduction": recipe.loss_reduction, "padding_free": padding_free, "eval_loss": eval_loss}
+    extra.update(max_grad_norm=trainer.args.max_grad_norm, trained_tokens=result.trained_tokens)
+    run.finish("sft", result, extra, trainer=trainer)
     if verbose and main:
-        first = train_loss[0][1] if train_loss else float("nan")
+        first = result.train_loss[0][1] if result.train_loss else float("nan")
+        final = result.final_train_loss
         print(
             f"  done: {result.steps} steps in {wall:.1f} s, loss per token {first:.3f} -> "
             f"{final if final is not None else float('nan'):.3f}, {result.trained_tokens} tokens trained"

@@ -1,10 +1,16 @@
-"""What every training stage shares: how the weights train and are saved, the Trainer settings a plan
-fixes, the logs, the data entry of a manifest.
+"""What every training stage shares: the skeleton around its trainer, how the weights train and are
+saved, the Trainer settings a plan fixes, the logs, the data entry of a manifest.
 
-The SFT, DPO and reward-model stages each build a TRL config (``SFTConfig``, ``DPOConfig``,
-``RewardConfig``) from a resolved :class:`~smoltulu_utils.profiles.Plan`; the settings that do not
-depend on the stage are written once here, so a change of policy (logging, precision, checkpoints)
-reaches every stage.
+Every stage (SFT, DPO, reward model, RLVR) runs the same skeleton::
+
+    run = start_stage(plan, SFTRecipe, output_dir, caller="train_sft", ...)  # tokenizer, parent, doctor
+    model = run.load_model(model, peft_config=...)   # full (float32), LoRA or QLoRA, tokenizer matched
+    rows = run.rows(rows)                             # the recipe's dataset unless rows are given
+    ...                                               # the stage's own data prep, trainer and training
+    run.finish("sft", report, extra, trainer=trainer) # merged weights, tokenizer, manifest.json
+
+and returns a :class:`StageResult` (loss curve, timing, the plan's LR and batch, notes), whose
+:meth:`StageResult.curve_rows` put its training curves into the results store.
 
 Precision and method
 --------------------
@@ -20,15 +26,20 @@ into float32 base weights and saves a plain model, so the next stage loads it li
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .chat_template import doctor
 from .errors import KitError
+from .manifest import MANIFEST_NAME, check_parent, write_manifest
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel
@@ -315,3 +326,260 @@ def data_entry(plan: Plan, report: Any, given: bool, caller: str) -> dict[str, A
         "rows_skipped": report.n_skipped,
         "max_train_samples": None if given else plan.max_train_samples,
     }
+
+
+def describe_batch(plan: Plan) -> str:
+    """``effective batch 32 = 4 x 8 x 1`` (per device x accumulation x processes) for a stage's summary."""
+    return (
+        f"effective batch {plan.effective_batch_size} = {plan.per_device_batch_size} x "
+        f"{plan.gradient_accumulation_steps} x {plan.num_processes}"
+    )
+
+
+# ======================================================================================================
+# The stage skeleton
+# ======================================================================================================
+@dataclass(kw_only=True)
+class StageResult:
+    """What every stage's run reports; a stage's result adds its own fields and curves."""
+
+    output_dir: Path | None
+    steps: int
+    train_loss: list[tuple[int, float]] = field(default_factory=list)  # (optimizer step, loss)
+    final_train_loss: float | None = None
+    wall_seconds: float = 0.0
+    learning_rate: float = 0.0
+    effective_batch_size: int = 0
+    method: str = "full"
+    data_report: Any = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["output_dir"] = str(self.output_dir) if self.output_dir is not None else None
+        out["data_report"] = self.data_report.to_dict() if self.data_report else None
+        return out
+
+    def training_curves(self) -> dict[str, list[tuple[int, float]]]:
+        """The run's training curves by name, ``(step, value)`` each."""
+        return {"train_loss": self.train_loss}
+
+    def curve_rows(self, run_id: str, stage: str, model: str | None = None, settings: Mapping | None = None):
+        """The training curves as results-store rows (:func:`smoltulu_utils.results.curve_rows`)."""
+        from .results import curve_rows
+
+        settings = {
+            "learning_rate": self.learning_rate,
+            "effective_batch_size": self.effective_batch_size,
+            **(settings or {}),
+        }
+        return curve_rows(run_id, stage, model or str(self.output_dir), self.training_curves(), settings)
+
+
+@dataclass
+class StageRun:
+    """One stage run between :func:`start_stage` and :meth:`finish`: where it starts, tokenizer, model, notes."""
+
+    plan: Plan
+    output_dir: Path | None
+    caller: str  # the stage function, named in the manifest when rows are passed in
+    source: str  # the parent folder or Hub id the weights and tokenizer come from
+    tokenizer: Any
+    checkpoint: bool  # the source is a folder with a kit manifest
+    parent_manifest: dict[str, Any] | None  # that manifest, checked against the tokenizer
+    adapted: list[str]  # what adapt_tokenizer / match_model_to_tokenizer changed
+    notes: list[str] = field(default_factory=list)
+    chosen: TrainingMethod | None = None
+    given: bool = False  # the rows were passed in
+    load: Callable[..., Any] | None = None  # how the stage loads weights from ``source``
+
+    @property
+    def recipe(self) -> Any:
+        return self.plan.recipe
+
+    @property
+    def parent_stage(self) -> str | None:
+        """The stage the parent checkpoint's manifest names (None without a kit parent)."""
+        return (self.parent_manifest or {}).get("stage")
+
+    def load_model(
+        self,
+        model: Any = None,
+        *,
+        peft_config: Any = None,
+        quantization_config: Any = None,
+        chosen: TrainingMethod | None = None,
+        load: Callable[..., Any] | None = None,
+    ) -> Any:
+        """The model the stage trains: ``model`` or ``load(source, ...)`` (default ``models.load_model``).
+
+        The method (full, LoRA, QLoRA) is ``chosen`` or :func:`training_method`'s; full fine-tuning gets
+        float32 master weights (:func:`full_precision`); an adapted tokenizer's new tokens get embeddings.
+        """
+        from .models import load_model, match_model_to_tokenizer
+
+        self.chosen = chosen or training_method(
+            self.plan, peft_config, model_given=model is not None, quantization_config=quantization_config
+        )
+        self.notes += self.chosen.notes
+        self.load = load or load_model
+        if model is None:
+            model = self.load(self.source, **stage_load_kwargs(self.chosen, self.source))
+        if self.chosen.method == "full" and (cast := full_precision(model)):
+            self.notes.append(cast)
+        if self.adapted:
+            self.adapted += match_model_to_tokenizer(model, self.tokenizer)
+            self.notes.append("tokenizer adapted: " + "; ".join(self.adapted))
+        return model
+
+    def rows(self, rows: Iterable[Mapping] | None) -> Iterable[Mapping]:
+        """``rows``, or the recipe's dataset from the profile's data, at most ``plan.max_train_samples``."""
+        from .data import load_rows
+        from .profiles import data_mirror
+
+        self.given = rows is not None
+        if rows is not None:
+            return rows
+        plan = self.plan
+        return load_rows(
+            self.recipe.dataset,
+            mirror=data_mirror(plan.profile),
+            limit=plan.max_train_samples,
+            validate=False,
+        )
+
+    def train(self, trainer: Any) -> float:
+        """Run ``trainer.train()``; return its wall-clock seconds."""
+        start = time.perf_counter()
+        trainer.train()
+        return time.perf_counter() - start
+
+    def result(self, result_type: type, trainer: Any, loss_key: str, wall: float, report: Any, **fields: Any):
+        """The stage's :class:`StageResult` from its trained ``trainer``: steps, the logged ``loss_key``
+        curve and its last value (a NaN or infinite one adds a note), the plan's LR and batch, the method,
+        the data report and notes; ``fields`` fill the stage's own."""
+        train_loss = log_history(trainer.state.log_history, loss_key)
+        final = train_loss[-1][1] if train_loss else None
+        if final is not None and not math.isfinite(final):
+            self.notes.append(f"the final training loss is {final}: lower the learning rate")
+        return result_type(
+            output_dir=self.output_dir,
+            steps=int(trainer.state.global_step),
+            train_loss=train_loss,
+            final_train_loss=final,
+            wall_seconds=wall,
+            learning_rate=self.plan.learning_rate,
+            effective_batch_size=self.plan.effective_batch_size,
+            method=self.chosen.method,
+            data_report=report,
+            notes=self.notes,
+            **fields,
+        )
+
+    def _reload_base(self) -> PreTrainedModel:
+        """QLoRA: the base in full precision, to merge the adapter into."""
+        from .models import match_model_to_tokenizer
+
+        base = self.load(self.source, dtype=MASTER_DTYPE)
+        if self.adapted:
+            match_model_to_tokenizer(base, self.tokenizer)
+        return base
+
+    def finish(
+        self, stage: str, report: Any, extra: Mapping[str, Any], *, trainer: Any = None, main: bool = True
+    ) -> dict[str, Any] | None:
+        """Save what the stage trained, its tokenizer and ``manifest.json`` in ``output_dir``.
+
+        With a ``trainer`` its model is saved (LoRA/QLoRA merged, :func:`save_trained_model`) and only
+        its main process writes the rest; without one the stage saved its weights itself. ``report`` is
+        the data report, or a :class:`StageResult` (its data report, steps, final loss and seconds go into
+        the manifest). ``extra`` joins the manifest's record (after where the run started, the plan, the
+        method and the tokenizer). Returns the manifest on the main process, else None.
+        """
+        if isinstance(report, StageResult):
+            result, report = report, report.data_report
+            extra = {
+                "steps": result.steps,
+                "final_train_loss": result.final_train_loss,
+                "wall_seconds": result.wall_seconds,
+                **extra,
+            }
+        saved: dict[str, Any] = {}
+        if trainer is not None:
+            saved = save_trained_model(trainer, self.output_dir, self.chosen, reload_base=self._reload_base)
+            main = trainer.is_world_process_zero()
+        if not main:
+            return None
+        self.tokenizer.save_pretrained(self.output_dir)
+        folder = Path(self.source).expanduser()
+        record = {"started_from": self.source, "plan": self.plan.to_dict(), "method": self.chosen.method}
+        if saved:
+            record.update(merged=saved["merged"], weights_dtype=saved["dtype"])
+        return write_manifest(
+            self.output_dir,
+            stage=stage,
+            recipe=self.recipe,
+            data=[data_entry(self.plan, report, self.given, self.caller)],
+            tokenizer=self.tokenizer,
+            seed=self.recipe.seed,
+            parent=self.source if self.checkpoint or not folder.is_dir() else None,
+            extra={
+                **record,
+                "tokenizer_adapted": self.adapted,
+                **extra,
+                "data_report": report.to_dict(),
+                "notes": self.notes,
+            },
+        )
+
+
+def start_stage(
+    plan: Plan,
+    recipe_type: type,
+    output_dir: str | Path | None,
+    *,
+    caller: str,
+    error: type[Exception] = KitError,
+    tokenizer: Any = None,
+    parent: str | Path | None = None,
+) -> StageRun:
+    """Begin a stage run: check the plan, load and adapt the tokenizer, check the parent, run the doctor.
+
+    ``plan`` must be for a ``recipe_type`` recipe (else ``error``) and for the running process count
+    (:func:`check_world_size`). The tokenizer (unless given) and later the model come from ``parent``
+    (a kit checkpoint folder or a Hub id), else ``plan.model``; a tokenizer without a chat template (a
+    base model's) gets the kit's (:func:`~smoltulu_utils.models.adapt_tokenizer`). A folder holding a
+    manifest must share the tokenizer and chat template (:func:`~smoltulu_utils.manifest.check_parent`),
+    and the chat-template doctor must pass, before anything loads or trains.
+    """
+    from .models import adapt_tokenizer, load_tokenizer
+
+    recipe = plan.recipe
+    if not isinstance(recipe, recipe_type):
+        raise error(
+            f"{caller} needs a plan for a recipe of type {recipe_type.__name__}, got stage {recipe.stage!r} ({recipe.name})"
+        )
+    check_world_size(plan)
+    source = str(parent) if parent is not None else plan.model
+    folder = Path(source).expanduser()
+    checkpoint = folder.is_dir() and (folder / MANIFEST_NAME).is_file()
+    adapted: list[str] = []
+    if tokenizer is None:
+        tokenizer = load_tokenizer(source)
+        adapted = adapt_tokenizer(tokenizer)  # a base model's tokenizer gets the kit's chat template
+    manifest = None
+    if folder.is_dir() and (parent is not None or checkpoint):
+        manifest = check_parent(
+            folder, tokenizer
+        )  # a parent folder must be a kit checkpoint with our template
+    doctor(tokenizer).raise_for_problems()
+    return StageRun(
+        plan=plan,
+        output_dir=Path(output_dir) if output_dir is not None else None,
+        caller=caller,
+        source=source,
+        tokenizer=tokenizer,
+        checkpoint=checkpoint,
+        parent_manifest=manifest,
+        adapted=adapted,
+    )

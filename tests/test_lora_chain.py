@@ -126,6 +126,7 @@ def test_sft_qlora_dpo_lora_rm_lora_then_ppo_from_the_rm(tmp_path, bundled_token
 
     # RLVR: the value model starts from the merged RM and trains every weight, as the policy does.
     from smoltulu_utils import rlvr
+    from smoltulu_utils.rlvr_data import toy_task_rows
 
     value_model, info = rlvr.load_value_model(tmp_path / "rm", bundled_tokenizer)
     assert info["stage"] == "rm" and all(p.requires_grad for p in value_model.parameters())
@@ -134,10 +135,9 @@ def test_sft_qlora_dpo_lora_rm_lora_then_ppo_from_the_rm(tmp_path, bundled_token
         n: p.detach().clone() for n, p in value_model.named_parameters() if n.startswith("model.layers.")
     }
     plan = plan_for("rlvr_ppo", steps=None, rollout_batch_size=4, minibatch_size=4, response_length=4,
-                    num_episodes=4, num_epochs=1, lr_scheduler="constant")  # fmt: skip
+                    num_episodes=4, num_epochs=1, lr_scheduler="constant", penalize_non_stop=False)  # fmt: skip
     result = rlvr.train_rlvr(plan, tmp_path / "rlvr", parent=tmp_path / "dpo", value_model=value_model,
-                             rows=rlvr.toy_task_rows(["7"], copies=4), ppo_settings=rlvr.TOY_PPO,
-                             verbose=False)  # fmt: skip
+                             rows=toy_task_rows(["7"], copies=4), verbose=False)  # fmt: skip
     assert result.iterations == 1
     after = dict(value_model.named_parameters())
     assert any(not torch.equal(after[n].detach(), p) for n, p in before.items())  # the backbone trained

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from smoltulu_utils import ppo
+from smoltulu_utils.recipes import load_recipe, recipe_sources
 
 
 def close(a, b, tol=1e-5):
@@ -47,7 +48,8 @@ def test_non_stop_penalty_replaces_the_score_of_a_response_that_never_ends():
     ended = torch.tensor([True, False, True, False])
     # Tulu 3 (open-instruct): torch.where(contain_stop_token, scores, penalty), a right answer included
     assert ppo.apply_non_stop_penalty(scores, ended, -10.0).tolist() == [10.0, -10.0, 0.0, -10.0]
-    assert ppo.PPOSettings().non_stop_replaces_score is True
+    assert ppo.PPOSettings.from_recipe(load_recipe("rlvr_ppo")).non_stop_replaces_score is True
+    assert recipe_sources("rlvr_ppo")["non_stop_replaces_score"].startswith("Tulu 3")
     # the other variant stays available: the penalty is added
     assert ppo.apply_non_stop_penalty(scores, ended, -10.0, replace=False).tolist() == [10.0, 0.0, 0.0, -10.0]
 
@@ -216,22 +218,23 @@ def test_vllm_generator_without_vllm_or_a_gpu_is_a_clear_error(monkeypatch):
 # ------------------------------------------------------------------------------------------- the trainer
 @pytest.fixture
 def small_trainer(bundled_tokenizer):
-    """A PPOTrainer on the tiny model with the kit's default settings: 4 prompts, minibatches of 2."""
+    """A PPOTrainer on the tiny model with the recipe's settings: 4 prompts, minibatches of 2."""
     import copy
 
-    from smoltulu_utils import rlvr
     from smoltulu_utils.models import tiny_model
+    from smoltulu_utils.rlvr_data import prepare_rlvr_rows, toy_task_rows
 
     model, tokenizer = tiny_model(seed=2, tokenizer=bundled_tokenizer)
-    examples, _ = rlvr.prepare_rlvr_rows(rlvr.toy_task_rows(["7"], copies=4), tokenizer, prompt_length=64)
+    examples, _ = prepare_rlvr_rows(toy_task_rows(["7"], copies=4), tokenizer, prompt_length=64)
     reference = copy.deepcopy(model).eval().requires_grad_(False)
 
     def make(num_epochs: int, **kwargs) -> ppo.PPOTrainer:
+        settings = ppo.PPOSettings.from_recipe(load_recipe("rlvr_ppo"), response_length=2, num_epochs=num_epochs,
+                                               seed=0)  # fmt: skip
         return ppo.PPOTrainer(
             policy=model, ref_policy=reference, value_model=ppo.value_model_from_policy(model),
-            tokenizer=tokenizer, examples=examples, learning_rate=1e-4, rollout_batch_size=4,
-            minibatch_size=2, micro_batch_size=1, response_length=2, num_epochs=num_epochs,
-            total_iterations=2, **kwargs,
+            tokenizer=tokenizer, examples=examples, settings=settings, sizes=ppo.batch_sizes(4, 2, 1, 1),
+            learning_rate=1e-4, total_iterations=2, **kwargs,
         )  # fmt: skip
 
     return make
@@ -259,7 +262,7 @@ def test_ppo_trainer_runs_num_epochs_passes_over_each_rollout_batch(small_traine
 
 
 def test_a_right_answer_that_never_ends_scores_minus_ten(small_trainer):
-    trainer = small_trainer(1)  # PPOSettings() as the kit runs them
+    trainer = small_trainer(1)  # the recipe's settings, as the kit runs them
     tokenizer = trainer.tokenizer
     ends = tokenizer.encode("The answer is 7", add_special_tokens=False) + [tokenizer.eos_token_id]
     never_ends = tokenizer.encode("The answer is 7.", add_special_tokens=False)
@@ -300,7 +303,7 @@ def test_vllm_rollouts_go_through_trls_colocated_engine(small_trainer, monkeypat
     monkeypatch.setattr(vllm_generation, "VLLMGeneration", StandIn)
     monkeypatch.setattr(ppo, "choose_generator", lambda generator: "vllm")
     trainer = small_trainer(1, generator="vllm")
-    engine = trainer.generator.engine
+    engine = trainer.engine
     assert engine.kwargs["model"] is trainer.unwrapped.policy
     assert engine.kwargs["accelerator"] is trainer.accelerator
     assert engine.kwargs["mode"] == "colocate" and engine.kwargs["max_completion_length"] == 2

@@ -30,23 +30,25 @@ from smoltulu_utils.preferences import PreferenceDataError, prepare_preference_r
 from smoltulu_utils.profiles import get_profile, resolve
 from smoltulu_utils.recipes import load_recipe
 from smoltulu_utils.reward_model import (
-    REWARDBENCH_SECTIONS,
-    REWARDBENCH_WEIGHTS,
     RMError,
     build_rm_trainer,
-    evaluate_rewardbench,
-    evaluate_ultrafeedback,
     head_token_index,
     last_token_index,
     load_reward_model,
-    load_rewardbench_rows,
     reward_scores,
-    rewardbench_sections,
     score_conversations,
     score_pad_token_id,
     score_preferences,
-    table8_rows,
     train_rm,
+)
+from smoltulu_utils.rm_evaluation import (
+    REWARDBENCH_SECTIONS,
+    REWARDBENCH_WEIGHTS,
+    evaluate_rewardbench,
+    evaluate_ultrafeedback,
+    load_rewardbench_rows,
+    rewardbench_sections,
+    table8_rows,
 )
 from smoltulu_utils.tables import table8
 
@@ -370,7 +372,7 @@ def test_weights_are_the_reference_codes_including_its_xstest_counts():
 
 
 def test_the_papers_rb_average_is_not_the_mean_of_its_sections():
-    """Documents the note in reward_model's docstring: the paper's Average is another aggregate."""
+    """Documents the note in rm_evaluation's docstring: the paper's Average is another aggregate."""
     paper = paper_rm_results()
     for model, printed, mean in (("SmolTulu RM-1130", 72.43, 70.33), ("Tulu 3 8b RM", 81.34, 78.19)):
         rows = paper[paper["model"] == model].set_index("benchmark")["value"]
@@ -502,7 +504,7 @@ def test_the_run_reports_bad_rows_counts_tokens_and_writes_a_manifest(learned, b
 
 def test_a_plan_for_another_stage_or_no_rows_is_refused(bundled_tokenizer, tmp_path):
     sft_plan = resolve("sft_1130", get_profile("smoke").replace(model="tiny"), verbose=False)
-    with pytest.raises(RMError, match="reward-model recipe"):
+    with pytest.raises(RMError, match="needs a plan for a recipe of type RMRecipe"):
         train_rm(sft_plan, tmp_path, tokenizer=bundled_tokenizer, rows=[], verbose=False)
     model, _ = make_tiny(seed=0, tokenizer=bundled_tokenizer)
     with pytest.raises(PreferenceDataError, match="empty"):

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from smoltulu_utils import rlvr
+from smoltulu_utils import grpo, ppo, rlvr, rlvr_data
 from smoltulu_utils.data import load_rows
 from smoltulu_utils.manifest import ManifestError, read_manifest, write_manifest
 from smoltulu_utils.paths import FIXTURES_DIR
@@ -47,7 +47,7 @@ BAD_ROWS = [
 # ------------------------------------------------------------------------------------------------ rows
 def test_fixture_rows_give_prompts_and_targets_for_every_subset(bundled_tokenizer):
     rows = load_rows("rlvr_mixed", mirror=FIXTURES_DIR)
-    examples, report = rlvr.prepare_rlvr_rows(rows, bundled_tokenizer, prompt_length=1024)
+    examples, report = rlvr_data.prepare_rlvr_rows(rows, bundled_tokenizer, prompt_length=1024)
     assert report.n_rows == 30 and report.n_kept == 30 and report.n_skipped == 0
     assert report.by_subset == {"gsm8k": 10, "math": 10, "ifeval": 10}
     first = examples[0]
@@ -56,8 +56,8 @@ def test_fixture_rows_give_prompts_and_targets_for_every_subset(bundled_tokenize
 
 
 def test_bad_rows_are_reported_with_index_and_reason_and_skipped(bundled_tokenizer):
-    rows = rlvr.toy_task_rows(["7"], copies=1) + BAD_ROWS
-    examples, report = rlvr.prepare_rlvr_rows(rows, bundled_tokenizer, prompt_length=1024)
+    rows = rlvr_data.toy_task_rows(["7"], copies=1) + BAD_ROWS
+    examples, report = rlvr_data.prepare_rlvr_rows(rows, bundled_tokenizer, prompt_length=1024)
     assert [e.index for e in examples] == [0]
     assert [(s.index, s.reason.split(":")[0]) for s in report.skipped] == [
         (1, "ground truth"),
@@ -66,14 +66,14 @@ def test_bad_rows_are_reported_with_index_and_reason_and_skipped(bundled_tokeniz
     ]
     assert "not a number" in report.skipped[0].reason and "unknown verifier" in report.skipped[1].reason
     assert report.reasons()["ground truth"] == 2 and "row 1: ground truth" in report.describe()
-    _, short = rlvr.prepare_rlvr_rows(rows[:1], bundled_tokenizer, prompt_length=5)
+    _, short = rlvr_data.prepare_rlvr_rows(rows[:1], bundled_tokenizer, prompt_length=5)
     assert short.skipped[0].reason.startswith("prompt too long")
 
 
 # --------------------------------------------------------------------------------------------- GRPO reward
 def test_grpo_reward_function_scores_like_ppo_and_logs_the_verified_share():
     logged = {}
-    reward = rlvr.grpo_reward_function(10.0, -10.0, eos_token_ids=[2], min_response_length=0)
+    reward = grpo.grpo_reward_function(10.0, -10.0, eos_token_ids=[2], min_response_length=0)
     rewards = reward(
         prompts=["p"] * 3,
         completions=[[{"role": "assistant", "content": "It is 7"}], "It is 8", "It is 7 and"],
@@ -89,7 +89,7 @@ def test_grpo_reward_function_scores_like_ppo_and_logs_the_verified_share():
 def test_grpo_log_entries_use_the_kit_keys():
     trl_logs = {"reward": 2.5, "verifiable_reward": 0.25, "kl": 0.5, "completions/mean_length": 4.0,
                 "completions/clipped_ratio": 0.5, "clip_ratio/region_mean": 0.1, "loss": 0.3}  # fmt: skip
-    entry = rlvr._grpo_entry(trl_logs, step=3, episodes=48, seconds=1.0)
+    entry = grpo.grpo_entry(trl_logs, step=3, episodes=48, seconds=1.0)
     assert set(rlvr.LOG_KEYS) <= set(entry)
     assert entry["kl"] == 2.0  # TRL's per-token mean times the mean length: per response, as PPO logs it
     assert entry["value_loss"] is None and entry["non_stop_rate"] == 0.5 and entry["clip_fraction"] == 0.1
@@ -107,14 +107,14 @@ def test_value_model_needs_a_reward_model_checkpoint_with_the_policy_tokenizer(
     sft = tmp_path / "sft"
     sft.mkdir()
     write_manifest(sft, stage="sft", recipe={"name": "x"}, data=[], tokenizer=bundled_tokenizer, seed=0)
-    with pytest.raises(rlvr.RLVRError, match="reward model"):
+    with pytest.raises(rlvr_data.RLVRError, match="reward model"):
         rlvr.load_value_model(sft, bundled_tokenizer, model)
     value_model, info = rlvr.load_value_model("tiny", bundled_tokenizer, model)
     assert value_model.config.num_labels == 1 and info["source"] == "tiny"
 
 
 def test_train_rlvr_refuses_a_plan_for_another_stage():
-    with pytest.raises(rlvr.RLVRError, match="RLVR recipe"):
+    with pytest.raises(rlvr_data.RLVRError, match="train_rlvr needs a plan for a recipe of type RLVRRecipe"):
         rlvr.train_rlvr(resolve("sft_1130", "smoke", verbose=False), method="ppo")
 
 
@@ -125,13 +125,12 @@ def test_a_short_ppo_run_counts_bad_rows_saves_and_records(
     model, tokenizer = fresh_tiny
     store = ResultsStore(tmp_path / "results.jsonl")
     result = rlvr.train_rlvr(
-        rlvr.toy_plan(iterations=2, batch=4),
+        rlvr_data.toy_plan(iterations=2, batch=4),
         tmp_path / "run",
         model=model,
         tokenizer=tokenizer,
-        rows=rlvr.toy_task_rows(["7"], copies=2) + BAD_ROWS,
-        restrict_to=rlvr.toy_vocabulary(tokenizer),
-        ppo_settings=rlvr.TOY_PPO,
+        rows=rlvr_data.toy_task_rows(["7"], copies=2) + BAD_ROWS,
+        restrict_to=rlvr_data.toy_vocabulary(tokenizer),
         store=store,
         verbose=False,
     )
@@ -154,18 +153,18 @@ def test_a_short_ppo_run_counts_bad_rows_saves_and_records(
 
 
 # ------------------------------------------------------------------------------------------- learning
-def _learns(method: str, plan, settings: dict, model, tokenizer) -> None:
-    rows = rlvr.toy_task_rows(["7"])
-    examples, _ = rlvr.prepare_rlvr_rows(rows, tokenizer, prompt_length=64)
-    vocabulary = rlvr.toy_vocabulary(tokenizer)
+def _learns(method: str, plan, model, tokenizer) -> None:
+    rows = rlvr_data.toy_task_rows(["7"])
+    examples, _ = rlvr_data.prepare_rlvr_rows(rows, tokenizer, prompt_length=64)
+    vocabulary = rlvr_data.toy_vocabulary(tokenizer)
     handle = model.get_output_embeddings()
-    restriction = rlvr.restrict_vocabulary(model, vocabulary)
-    before = rlvr.verified_rate(model, tokenizer, examples, response_length=1, samples=64)
+    restriction = ppo.restrict_vocabulary(model, vocabulary)
+    before = rlvr_data.verified_rate(model, tokenizer, examples, response_length=1, samples=64)
     restriction.remove()
     result = rlvr.train_rlvr(plan, method=method, model=model, tokenizer=tokenizer, rows=rows,
-                             restrict_to=vocabulary, verbose=False, **settings)  # fmt: skip
-    restriction = rlvr.restrict_vocabulary(model, vocabulary)
-    after = rlvr.verified_rate(model, tokenizer, examples, response_length=1, samples=64)
+                             restrict_to=vocabulary, verbose=False)  # fmt: skip
+    restriction = ppo.restrict_vocabulary(model, vocabulary)
+    after = rlvr_data.verified_rate(model, tokenizer, examples, response_length=1, samples=64)
     restriction.remove()
     assert handle.bias is None
     assert before < 0.2, f"{method}: the toy task should start hard (measured {before:.2f})"
@@ -180,14 +179,14 @@ def _learns(method: str, plan, settings: dict, model, tokenizer) -> None:
 @pytest.mark.slow
 def test_ppo_raises_the_verifiable_reward_on_the_toy_task(fresh_tiny, one_thread):
     model, tokenizer = fresh_tiny
-    _learns("ppo", rlvr.toy_plan(iterations=20, batch=16), {"ppo_settings": rlvr.TOY_PPO}, model, tokenizer)
+    _learns("ppo", rlvr_data.toy_plan(iterations=20, batch=16), model, tokenizer)
 
 
 @pytest.mark.slow
 def test_grpo_raises_the_verifiable_reward_on_the_toy_task(fresh_tiny, one_thread):
     model, tokenizer = fresh_tiny
-    plan = rlvr.toy_plan(iterations=25, batch=8, num_epochs=1)
-    _learns("grpo", plan, {"grpo_settings": rlvr.toy_grpo_settings(8)}, model, tokenizer)
+    plan = rlvr_data.toy_plan(iterations=25, batch=8, num_epochs=1)
+    _learns("grpo", plan, model, tokenizer)
 
 
 # ------------------------------------------------------------------------------ Tulu 3's PPO settings
@@ -202,6 +201,31 @@ def _recipe_plan(num_processes: int = 1, **changes):
     return resolve(recipe, profile, num_processes=num_processes, verbose=False)
 
 
+def test_ppo_and_grpo_settings_are_the_recipes_values_with_their_sources():
+    from smoltulu_utils.recipes import RecipeError, load_recipe, recipe_sources
+
+    recipe, sources = load_recipe("rlvr_ppo"), recipe_sources("rlvr_ppo")
+    ppo_settings = ppo.PPOSettings.from_recipe(recipe)
+    assert (ppo_settings.gamma, ppo_settings.lam, ppo_settings.cliprange, ppo_settings.vf_coef) == (
+        1.0,
+        0.95,
+        0.2,
+        0.1,
+    )
+    assert ppo_settings.num_epochs == 4 and ppo_settings.kl_beta == recipe.kl_beta
+    grpo_settings = grpo.GRPOSettings.from_recipe(recipe, num_generations=4)
+    assert (grpo_settings.num_generations, grpo_settings.num_iterations, grpo_settings.loss_type) == (
+        4,
+        4,
+        "dapo",
+    )
+    for key in ("gamma", "lam", "cliprange", "cliprange_value", "vf_coef", "max_grad_norm", "adam_eps"):
+        assert sources[key].startswith("Tulu 3"), key
+    assert all(sources[k].startswith("kit choice") for k in ("grpo_num_generations", "grpo_loss_type"))
+    with pytest.raises(RecipeError, match="lam"):
+        recipe.replace(lam=1.5)
+
+
 def test_the_recipe_runs_tulu3_four_ppo_epochs_per_rollout_batch(fresh_tiny, one_thread):
     from smoltulu_utils.recipes import recipe_sources
 
@@ -209,10 +233,14 @@ def test_the_recipe_runs_tulu3_four_ppo_epochs_per_rollout_batch(fresh_tiny, one
     assert recipe_sources("rlvr_ppo")["num_epochs"].startswith("Tulu 3")
     model, tokenizer = fresh_tiny
     plan = _recipe_plan()
-    examples, _ = rlvr.prepare_rlvr_rows(rlvr.toy_task_rows(["7"], copies=4), tokenizer, prompt_length=64)
-    trainer = rlvr._ppo_trainer(plan, model, tokenizer, examples, 2, None, None, rlvr.TOY_PPO, None, "auto",
-                                {}, [])  # fmt: skip
-    assert trainer.num_epochs == 4 and trainer.generator is None
+    examples, _ = rlvr_data.prepare_rlvr_rows(
+        rlvr_data.toy_task_rows(["7"], copies=4), tokenizer, prompt_length=64
+    )
+    settings = ppo.PPOSettings.from_recipe(plan.recipe, penalize_non_stop=False)
+    trainer, _ = rlvr._ppo_trainer(
+        plan, model, tokenizer, examples, 2, settings, None, None, "transformers", []
+    )
+    assert trainer.settings.num_epochs == 4 and trainer.engine is None
     calls = [0]
     step = trainer.optimizer.step
 
@@ -231,14 +259,16 @@ def test_rollout_and_minibatch_sizes_are_per_process_as_tulu3_counts_them(monkey
     assert (sizes.local_rollout, sizes.local_minibatch, sizes.micro) == (32, 16, 2)
     assert (sizes.rollout, sizes.minibatch, sizes.accumulation, sizes.minibatches) == (64, 32, 8, 2)
     assert rlvr._iterations(plan, None) == 400 // 64  # episodes over the global rollout batch
-    grpo = rlvr.grpo_batch_arguments(plan, rlvr.GRPOSettings(num_generations=8))
+    arguments = grpo.grpo_batch_arguments(
+        sizes, grpo.GRPOSettings.from_recipe(plan.recipe, num_generations=8)
+    )
     # TRL's generation batch = per device x steps_per_generation x processes = the global rollout batch
-    assert grpo["per_device_train_batch_size"] * grpo["steps_per_generation"] * 2 == 64
-    assert grpo["per_device_train_batch_size"] * grpo["gradient_accumulation_steps"] * 2 == 32
-    assert grpo["num_iterations"] == 4  # GRPO's epochs: the recipe's num_epochs
+    assert arguments["per_device_train_batch_size"] * arguments["steps_per_generation"] * 2 == 64
+    assert arguments["per_device_train_batch_size"] * arguments["gradient_accumulation_steps"] * 2 == 32
+    assert arguments["num_iterations"] == 4  # GRPO's epochs: the recipe's num_epochs
     one = rlvr.rlvr_batch_sizes(_recipe_plan(num_processes=1, rollout_batch_size=32, minibatch_size=16))
     assert (one.rollout, one.minibatch) == (32, 16)
-    toy = rlvr.toy_plan(iterations=3, batch=4, num_processes=2)  # 4 prompts per process, 3 iterations
+    toy = rlvr_data.toy_plan(iterations=3, batch=4, num_processes=2)  # 4 prompts per process, 3 iterations
     assert rlvr.rlvr_batch_sizes(toy).rollout == 8 and rlvr._iterations(toy, None) == 3
     # a plan for 2 processes run by 1 would change the global batch: refused, with the fix
     monkeypatch.delenv("WORLD_SIZE", raising=False)
@@ -260,7 +290,7 @@ def test_vllm_generator_without_vllm_is_a_clear_error(method, monkeypatch, fresh
     model, tokenizer = fresh_tiny
     with pytest.raises(KitError, match="pip install vllm"):
         rlvr.train_rlvr(_recipe_plan(), method=method, model=model, tokenizer=tokenizer,
-                        rows=rlvr.toy_task_rows(["7"]), generator="vllm", verbose=False)  # fmt: skip
+                        rows=rlvr_data.toy_task_rows(["7"]), generator="vllm", verbose=False)  # fmt: skip
 
 
 @pytest.mark.slow
@@ -268,13 +298,12 @@ def test_grpo_runs_num_iterations_passes_per_rollout_and_logs_each_rollout_once(
     model, tokenizer = fresh_tiny
     steps = []
     result = rlvr.train_rlvr(
-        rlvr.toy_plan(iterations=2, batch=8, num_epochs=2),
+        rlvr_data.toy_plan(iterations=2, batch=8, num_epochs=2),
         method="grpo",
         model=model,
         tokenizer=tokenizer,
-        rows=rlvr.toy_task_rows(["7"]),
-        restrict_to=rlvr.toy_vocabulary(tokenizer),
-        grpo_settings=rlvr.toy_grpo_settings(8),
+        rows=rlvr_data.toy_task_rows(["7"]),
+        restrict_to=rlvr_data.toy_vocabulary(tokenizer),
         callback=lambda entry: steps.append(entry["iteration"]),
         verbose=False,
     )

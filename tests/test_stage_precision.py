@@ -176,6 +176,7 @@ def test_the_reward_model_updates_float32_weights(bf16_folder, tmp_path, one_thr
 
 def test_ppo_updates_float32_policy_and_value_weights(bf16_folder, tmp_path, bundled_tokenizer, one_thread):
     from smoltulu_utils import rlvr
+    from smoltulu_utils.rlvr_data import toy_task_rows
 
     # A bf16 reward-model checkpoint (as the SmolTulu RM on the Hub) for the value model to start from.
     rm_folder = tmp_path / "rm_bf16"
@@ -190,11 +191,11 @@ def test_ppo_updates_float32_policy_and_value_weights(bf16_folder, tmp_path, bun
     plan = plan_for(
         "rlvr_ppo", bf16_folder, learning_rate=3e-6, warmup_ratio=0.0, rollout_batch_size=4,
         minibatch_size=4, response_length=2, num_episodes=4, num_epochs=1, lr_scheduler="constant", steps=None,
+        penalize_non_stop=False,
     )  # fmt: skip
     result = rlvr.train_rlvr(
-        plan, tmp_path / "ppo", rows=rlvr.toy_task_rows(["7"], copies=4), value_model=value_model,
-        ppo_settings=rlvr.TOY_PPO, verbose=False,
-    )  # fmt: skip
+        plan, tmp_path / "ppo", rows=toy_task_rows(["7"], copies=4), value_model=value_model, verbose=False
+    )
     assert result.iterations == 1
     after = layer_weights(tmp_path / "ppo")
     assert {v.dtype for v in after.values()} == {torch.float32}
