@@ -1,13 +1,10 @@
-"""The chat-template doctor every training stage runs, and the one SFT label builder the stages share.
+"""The chat-template doctor every training stage runs, and the SFT assistant mask the stages share.
 
-Tulu 3-style SFT trains only the assistant's tokens: the content of every assistant turn and the
-end-of-turn token that closes it. transformers can return such a mask itself
-(``apply_chat_template(..., return_assistant_tokens_mask=True)``) only for templates that wrap assistant
-text in ``{% generation %}`` markers; SmolLM2's template has none, so the mask is computed here by hand,
-by rendering prefixes of the conversation with the tokenizer's own template.
-
-:func:`doctor` renders a sample conversation and checks what silently breaks training: no template, a
-double BOS, an untrained end-of-turn token, and padding that masks EOS (SmolLM2 ships pad == eos).
+Tulu 3-style SFT trains the content of every assistant turn and the end-of-turn token closing it.
+transformers returns such a mask only for templates with ``{% generation %}`` markers, which SmolLM2's
+lacks, so the mask is computed here by rendering prefixes of the conversation with the tokenizer's own
+template. :func:`doctor` checks what silently breaks training: no template, a double BOS, an untrained
+end-of-turn token, and padding that masks EOS (SmolLM2 ships pad == eos).
 """
 
 from __future__ import annotations
@@ -41,9 +38,6 @@ class ChatTemplateError(KitError, ValueError):
     """A tokenizer or chat template that would train the wrong tokens; the message says how to fix it."""
 
 
-# ======================================================================================================
-# The assistant mask
-# ======================================================================================================
 def _name(tokenizer: PreTrainedTokenizerBase) -> str:
     return getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
 
@@ -100,11 +94,8 @@ def _check_prefix(full: list[int], prefix: list[int], tokenizer, what: str) -> N
 def assistant_spans(
     tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict], end_of_turn: str | None = None
 ) -> tuple[list[int], list[tuple[int, int]]]:
-    """Token ids of the rendered conversation and, per assistant turn, the ``[start, stop)`` span it trains.
-
-    A span starts after the assistant header and stops after the turn's last end-of-turn token
-    (``end_of_turn``, default the tokenizer's eos); a turn without one trains up to the next turn.
-    """
+    """Token ids of the rendered conversation and, per assistant turn, the ``[start, stop)`` span it trains:
+    from after the header through the turn's last end-of-turn token (default eos), else to the next turn."""
     _require_template(tokenizer)
     messages = list(messages)
     ids = _encode(tokenizer, _render(tokenizer, messages, generation_prompt=False))
@@ -131,30 +122,30 @@ def assistant_token_mask(
 ) -> tuple[list[int], list[bool]]:
     """``(input_ids, mask)``: the rendered conversation and True on every token a Tulu 3-style SFT trains.
 
-    Trained: each assistant turn's content and the end-of-turn token closing it (SmolLM2: ``<|im_end|>``).
-    Not trained: system and user turns, the ``<|im_start|>assistant\\n`` header, and the newline the
-    template writes after ``<|im_end|>``: generation stops at ``<|im_end|>`` (the eos), so that newline is
-    template glue the model never samples. (open-instruct's Tulu 3 SFT trains it; the effect is small.)
-
-    Method: the conversation is rendered with the tokenizer's own template up to each assistant header
-    (``add_generation_prompt=True``) and through each assistant turn; the token counts of these prefixes
-    mark the spans. Each prefix's ids must be a prefix of the full ids, else :class:`ChatTemplateError`.
-    ``max_length`` truncates on the right (a cut last turn loses its end-of-turn token).
+    Trained: each assistant turn's content and its end-of-turn token (SmolLM2: ``<|im_end|>``). Not
+    trained: system and user turns, the assistant header, and the newline after ``<|im_end|>``, which
+    generation never samples (open-instruct trains it; the effect is small). Raises
+    :class:`ChatTemplateError` when a rendered prefix is not a token prefix of the whole.
+    ``max_length`` truncates on the right.
     """
     ids, spans = assistant_spans(tokenizer, messages, end_of_turn)
-    mask = [False] * len(ids)
-    for start, stop in spans:
-        mask[start:stop] = [True] * (stop - start)
+    mask = _span_mask(len(ids), spans)
     if max_length is not None:
         ids, mask = ids[:max_length], mask[:max_length]
     return ids, mask
 
 
-def sft_labels(input_ids: Any, mask: Any, ignore_index: int = IGNORE_INDEX) -> Any:
-    """Labels for SFT: ``input_ids`` where ``mask`` is true, ``ignore_index`` (-100) elsewhere.
+def _span_mask(length: int, spans: list[tuple[int, int]]) -> list[bool]:
+    mask = [False] * length
+    for start, stop in spans:
+        mask[start:stop] = [True] * (stop - start)
+    return mask
 
-    Works on lists (returns a list) and on torch tensors of any shape (returns a tensor). Build labels
-    from the mask, never from ``input_ids != pad_token_id``: SmolLM2's pad is its eos.
+
+def sft_labels(input_ids: Any, mask: Any, ignore_index: int = IGNORE_INDEX) -> Any:
+    """Labels for SFT, a list or a tensor: ``input_ids`` where ``mask`` is true, ``ignore_index`` elsewhere.
+
+    Build labels from the mask, never from ``input_ids != pad_token_id``: SmolLM2's pad is its eos.
     """
     if hasattr(input_ids, "masked_fill"):
         import torch
@@ -171,11 +162,8 @@ def pad_batch(
     pad_token_id: int,
     ignore_index: int = IGNORE_INDEX,
 ) -> dict[str, list[list[int]]]:
-    """Right-pad ``(input_ids, mask)`` pairs into ``input_ids``, ``attention_mask`` and ``labels`` lists.
-
-    Padding is decided by each example's length, never by comparing ids with ``pad_token_id``, so an
-    eos that equals the pad token stays trained.
-    """
+    """Right-pad ``(input_ids, mask)`` pairs into ``input_ids``, ``attention_mask`` and ``labels`` lists,
+    by length, never by comparing ids with ``pad_token_id`` (an eos equal to pad stays trained)."""
     width = max((len(ids) for ids, _ in examples), default=0)
     batch: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
     for ids, mask in examples:
@@ -186,9 +174,6 @@ def pad_batch(
     return batch
 
 
-# ======================================================================================================
-# Fingerprint
-# ======================================================================================================
 def _sha256(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
 
@@ -220,12 +205,8 @@ def _special_tokens(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
 
 
 def template_fingerprint(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
-    """Hashes that tell whether two tokenizers encode and render conversations the same way.
-
-    ``tokenizer_hash``: sha256 over the vocabulary, the BPE merges (when the fast backend exposes them),
-    the special tokens and the added tokens. ``chat_template_hash``: sha256 of the template string (None
-    without a template). Also ``vocab_size`` and ``tokenizer_class`` for humans.
-    """
+    """Hashes that tell whether two tokenizers encode and render conversations the same way: sha256 of
+    the vocabulary, merges, special and added tokens, and of the chat template (None without one)."""
     added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
     payload = {
         "vocab": sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]),
@@ -246,9 +227,6 @@ def template_fingerprint(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
     }
 
 
-# ======================================================================================================
-# The doctor
-# ======================================================================================================
 @dataclass
 class Check:
     """One check of :func:`doctor`: its name, whether it passed, and what it found."""
@@ -269,7 +247,6 @@ class TemplateReport:
     input_ids: list[int] = field(default_factory=list)
     mask: list[bool] = field(default_factory=list)
     token_texts: list[str] = field(default_factory=list)
-    pad_demo: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -317,10 +294,6 @@ class TemplateReport:
         lines.append("Rendered sample, trained tokens in [brackets]:")
         lines.append(self.marked_text())
         return "\n".join(lines)
-
-    def show(self) -> None:
-        """Print the readable report (checks, hashes, the sample with trained tokens in brackets)."""
-        print(self)
 
     def _repr_html_(self) -> str:
         rows = "".join(
@@ -408,14 +381,11 @@ def _check_end_of_turn(tokenizer, ids, spans, mask, messages, eot_id) -> list[Ch
     return [eot_check, content_check]
 
 
-def _pad_demo(tokenizer, messages, ids, mask, eot_id) -> tuple[Check, dict]:
+def _check_pad(tokenizer, messages, ids, mask, eot_id) -> Check:
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
-        return Check(
-            "pad_keeps_eos",
-            True,
-            "no pad token: a collator must be given one; never mask labels by comparing ids with it",
-        ), {}
+        detail = "no pad token: a collator must be given one; never mask labels by comparing ids with it"
+        return Check("pad_keeps_eos", True, detail)
     # A second, shorter conversation (the first exchange only), so the batch really needs padding.
     first_reply = next((i for i, m in enumerate(messages) if m.get("role") == "assistant"), len(messages) - 1)
     short_ids, short_mask = assistant_token_mask(tokenizer, list(messages)[: first_reply + 1])
@@ -431,16 +401,7 @@ def _pad_demo(tokenizer, messages, ids, mask, eot_id) -> tuple[Check, dict]:
                 kept_kit += row_labels[p] == t
                 # A naive collator: labels = input_ids, then -100 wherever input_ids == pad_token_id.
                 dropped_naive += row_ids[p] == pad_id
-    demo = {
-        "pad_token": tokenizer.pad_token,
-        "pad_token_id": pad_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_is_eos": pad_id == tokenizer.eos_token_id,
-        "trained_eos": trained_eos,
-        "naive_dropped": dropped_naive,
-        "kit_kept": kept_kit,
-    }
-    if demo["pad_is_eos"]:
+    if pad_id == tokenizer.eos_token_id:
         detail = (
             f"pad == eos ({tokenizer.pad_token!r}, id {pad_id}). A collator that sets labels to -100 where "
             f"input_ids == pad_token_id drops {dropped_naive} of the {trained_eos} trained end-of-turn tokens "
@@ -452,7 +413,7 @@ def _pad_demo(tokenizer, messages, ids, mask, eot_id) -> tuple[Check, dict]:
             f"pad ({tokenizer.pad_token!r}, id {pad_id}) differs from eos; a padded batch keeps "
             f"{kept_kit} of {trained_eos} trained end-of-turn tokens (a naive collator would drop {dropped_naive})."
         )
-    return Check("pad_keeps_eos", kept_kit == trained_eos, detail), demo
+    return Check("pad_keeps_eos", kept_kit == trained_eos, detail)
 
 
 def doctor(
@@ -460,11 +421,10 @@ def doctor(
 ) -> TemplateReport:
     """Render a conversation (default :data:`SAMPLE_CONVERSATION`) and check the template is safe to train.
 
-    Raises :class:`ChatTemplateError` at once when the tokenizer has no chat template. Otherwise returns
-    a :class:`TemplateReport` whose checks cover: prefix-consistent rendering, a single BOS at the start,
-    a trained end-of-turn token closing every assistant turn, trained tokens equal to the assistant
-    contents, and pad handling that keeps EOS (with SmolLM2's pad == eos, a naive collator would not).
-    Call ``.raise_for_problems()`` on the report to stop a stage on any failure.
+    Raises :class:`ChatTemplateError` when the tokenizer has no chat template. The report's checks:
+    prefix-consistent rendering, one BOS, a trained end-of-turn token closing every assistant turn,
+    trained tokens equal to the assistant contents, and padding that keeps EOS. Its
+    ``.raise_for_problems()`` stops a stage on any failure.
     """
     _require_template(tokenizer)
     messages = list(messages or SAMPLE_CONVERSATION)
@@ -477,9 +437,7 @@ def doctor(
     except ChatTemplateError as exc:
         checks = [Check("renders_consistently", False, str(exc))]
         return TemplateReport(name, checks, fingerprint, rendered)
-    mask = [False] * len(ids)
-    for start, stop in spans:
-        mask[start:stop] = [True] * (stop - start)
+    mask = _span_mask(len(ids), spans)
     checks = [
         Check(
             "renders_consistently",
@@ -489,8 +447,7 @@ def doctor(
         _check_bos(tokenizer, ids, rendered),
         *_check_end_of_turn(tokenizer, ids, spans, mask, messages, eot_id),
     ]
-    pad_check, demo = _pad_demo(tokenizer, messages, ids, mask, eot_id)
-    checks.append(pad_check)
+    checks.append(_check_pad(tokenizer, messages, ids, mask, eot_id))
     checks.append(
         Check(
             "fingerprint",
@@ -502,4 +459,4 @@ def doctor(
     token_texts = [
         tokenizer.decode([t], skip_special_tokens=False, clean_up_tokenization_spaces=False) for t in ids
     ]
-    return TemplateReport(name, checks, fingerprint, rendered, ids, mask, token_texts, demo)
+    return TemplateReport(name, checks, fingerprint, rendered, ids, mask, token_texts)

@@ -1,24 +1,29 @@
 """Command line of the kit: ``python -m smoltulu_utils <command>`` (also installed as ``smoltulu``).
 
-Commands: ``reproduce`` (run the notebooks in order), ``plan`` (resolve recipes for this machine),
-``hardware`` (what this machine offers), ``doctor`` (check a tokenizer's chat template), ``mirror``
-(write every pinned dataset as local JSONL for air-gapped machines), one training command per entry
-of the stage table (:mod:`smoltulu_utils.stages`: ``sft``, ``dpo``, ``rm``, ``rlvr``, each on one
-process or several) and ``eval`` (the paper's benchmarks on a checkpoint). Bad input prints the kit's
-message (the problem and its fix) and exits with status 2, without a traceback.
-Training commands also run under ``accelerate launch``: ``--processes N`` or ``--accelerate-config``
-makes a command start itself under the launcher, and a notebook can start a multi-process run as a
-subprocess (:func:`smoltulu_utils.launch.run_stage`)."""
+Commands: ``reproduce``, ``plan``, ``hardware``, ``doctor``, ``mirror``, one training command per entry
+of :data:`smoltulu_utils.stages.STAGES` and ``eval``. Bad input prints the kit's message and exits with
+status 2. ``--processes N`` or ``--accelerate-config`` makes a training command start itself under
+``accelerate launch``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from pathlib import Path
 
-#: What ``sft`` writes beside the checkpoint: the run's SFTResult and its plan, as JSON (every training
-#: command writes ``<stage>_result.json``: :attr:`smoltulu_utils.stages.Stage.result_file`).
-SFT_RESULT_FILE = "sft_result.json"
+from . import launch
+from .atomic import atomic_open
+from .errors import KitError
+from .manifest import MANIFEST_NAME
+from .paths import results_dir, runs_dir
+from .serialize import jsonable
+from .stages import OPTIONS, STAGES, check_parent_stage, get_stage, jsonable_result, parent_hint
+
+#: What ``eval`` writes in its output folder: the rows, the scores and the settings, as JSON.
+EVAL_RESULT_FILE = "eval_result.json"
+PROFILES = "auto | smoke | single_gpu | paper"
 
 
 def _reproduce(args: argparse.Namespace) -> int:
@@ -74,22 +79,29 @@ def _world_size() -> int | None:
     return int(value) if value else None
 
 
-def _is_main_process() -> bool:
-    return os.environ.get("RANK", "0") == "0"
+def _profile(args: argparse.Namespace, caps: tuple[str, ...]):
+    """The command's profile (``auto``: this machine's); KitError for an unknown one or a cap below 1."""
+    from .profiles import auto_profile_name, get_profile
+
+    try:
+        profile = get_profile(auto_profile_name() if args.profile == "auto" else args.profile)
+    except ValueError as exc:
+        raise KitError(str(exc)) from exc
+    for key in caps:
+        value = getattr(args, key)
+        if value is not None and value < 1:
+            raise KitError(f"--{key.replace('_', '-')} must be at least 1, got {value}")
+    return profile
 
 
 def stage_plan(stage: str, args: argparse.Namespace, num_processes: int, verbose: bool):
     """The plan of a training command: the recipe and profile with the command line's changes.
 
-    ``args`` holds ``recipe``, ``profile``, ``learning_rate``, ``model``, ``max_steps``, ``max_length``
-    and ``max_samples`` (None keeps the recipe's or the profile's value); the effective batch is split
-    over ``num_processes``. A recipe of another stage, an unknown profile or a cap below 1 raise
-    :class:`~smoltulu_utils.errors.KitError`.
+    Options left out (None) keep the recipe's or the profile's value; the effective batch is split over
+    ``num_processes``. A recipe of another stage, an unknown profile or a cap below 1 raise KitError.
     """
-    from .errors import KitError
-    from .profiles import auto_profile_name, get_profile, resolve
+    from .profiles import resolve
     from .recipes import load_recipe
-    from .stages import get_stage
 
     spec = get_stage(stage)
     recipe = load_recipe(args.recipe)
@@ -100,14 +112,7 @@ def stage_plan(stage: str, args: argparse.Namespace, num_processes: int, verbose
         )
     if args.learning_rate is not None:
         recipe = recipe.replace(learning_rate=args.learning_rate)
-    try:
-        profile = get_profile(auto_profile_name() if args.profile == "auto" else args.profile)
-    except ValueError as exc:
-        raise KitError(str(exc)) from exc
-    for key in ("max_steps", "max_length", "max_samples"):
-        value = getattr(args, key)
-        if value is not None and value < 1:
-            raise KitError(f"--{key.replace('_', '-')} must be at least 1, got {value}")
+    profile = _profile(args, ("max_steps", "max_length", "max_samples"))
     changes = {
         "model": args.model,
         "max_steps": args.max_steps,
@@ -119,17 +124,14 @@ def stage_plan(stage: str, args: argparse.Namespace, num_processes: int, verbose
 
 
 def _processes(args: argparse.Namespace) -> tuple[int | None, object]:
-    """``(processes to launch, Accelerate config)`` when this command must start itself under
-    ``accelerate launch``, else ``(None, config)``; checks ``--processes`` against the launcher's count."""
-    from .errors import KitError
-    from .launch import accelerate_config, config_processes, under_launcher
-
+    """``(processes to launch, Accelerate config)``; None to launch when already under a launcher or on one
+    process without a config. Checks ``--processes`` against the launcher's count."""
     if args.processes is not None and args.processes < 1:
         raise KitError(f"--processes must be at least 1, got {args.processes}")
-    config = accelerate_config(args.accelerate_config) if args.accelerate_config else None
+    config = launch.accelerate_config(args.accelerate_config) if args.accelerate_config else None
     world = _world_size()
-    if not under_launcher():
-        wanted = args.processes or (config_processes(config) if config is not None else 1)
+    if not launch.under_launcher():
+        wanted = args.processes or (launch.config_processes(config) if config is not None else 1)
         if wanted > 1 or config is not None:
             return wanted, config
         return None, config
@@ -143,9 +145,6 @@ def _processes(args: argparse.Namespace) -> tuple[int | None, object]:
 
 def _stage_inputs(stage, args: argparse.Namespace, plan, output, is_main: bool) -> tuple[dict, list[str]]:
     """The keyword inputs of the stage's train function from the command line, and notes for the summary."""
-    from .paths import runs_dir
-    from .stages import parent_hint
-
     kwargs: dict = {"parent": args.parent, "verbose": is_main}
     notes = []
     if args.parent is None and plan.recipe.parent_recipe:
@@ -156,21 +155,17 @@ def _stage_inputs(stage, args: argparse.Namespace, plan, output, is_main: bool) 
             f"{plan.recipe.parent_recipe} checkpoint (--parent {hint})"
         )
     for name in stage.inputs:
-        value = getattr(args, name, None)
-        if name == "reference_cache" and value is not None:
-            value = None if value.lower() == "none" else value
-        elif value is None:
-            continue
-        kwargs[name] = value
+        value = getattr(args, name)
+        if value is not None:
+            kwargs[name] = None if name == "reference_cache" and value.lower() == "none" else value
     value_from_rm = getattr(args, "method", None) == "ppo" and plan.recipe.value_model_from != "policy"
-    if "reward_model" in stage.inputs and args.reward_model is None and value_from_rm:
+    if value_from_rm and args.reward_model is None:
         notes.append(
             f"no --reward-model: the value model started from {plan.recipe.reward_model} "
             f"(give an RM checkpoint, e.g. runs/rm/{plan.recipe.reward_recipe or 'rm_1130'})"
         )
     if getattr(args, "record_batches", False):
         from .data import load_rows
-        from .launch import batch_recorder, example_index
         from .models import load_tokenizer
         from .profiles import data_mirror
 
@@ -183,45 +178,29 @@ def _stage_inputs(stage, args: argparse.Namespace, plan, output, is_main: bool) 
             validate=False,
         )
         kwargs["tokenizer"] = tokenizer
-        kwargs["callbacks"] = [batch_recorder(output, example_index(rows, tokenizer, plan.max_length))]
+        index = launch.example_index(rows, tokenizer, plan.max_length)
+        kwargs["callbacks"] = [launch.batch_recorder(output, index)]
     return kwargs, notes
 
 
 def _train(args: argparse.Namespace) -> int:
-    """A training command (``sft``, ``dpo``, ``rm``, ``rlvr``): train, write ``<stage>_result.json``, summarise.
+    """A training command: train, write ``<stage>_result.json`` and print the summary (main process only).
 
-    Under a launcher (``WORLD_SIZE`` set, e.g. ``accelerate launch``) the plan splits the effective batch
-    over the launched processes; ``--processes N`` (N > 1) or ``--accelerate-config`` without a launcher
-    starts this same command under ``accelerate launch``. The result file and the summary come from the
-    main process only. ``sft --record-batches`` adds :func:`smoltulu_utils.launch.batch_recorder`: each
-    process writes ``batches_rank{R}.json`` with the rows of every micro-batch it trained on.
+    Under a launcher the plan splits the effective batch over its processes; without one, ``--processes N``
+    (N > 1) or ``--accelerate-config`` starts this same command under ``accelerate launch``.
     """
-    import json
-    from pathlib import Path
-
-    from .stages import check_parent_stage, get_stage
-
     stage = get_stage(args.command)
-    launch, config = _processes(args)
-    if launch is not None:  # not launched yet: check the plan and the parent, start the processes
-        from . import launch as launcher
-
-        stage_plan(stage.name, args, launch, verbose=False)
+    count, config = _processes(args)
+    if count is not None:  # not launched yet: check the plan and the parent, start the processes
+        stage_plan(stage.name, args, count, verbose=False)
         check_parent_stage(stage, args.parent)
         options = {"config": config} if config is not None else {}
-        launcher.run_stage(args.argv, num_processes=launch, **options)
+        launch.run_stage(args.argv, num_processes=count, **options)
         return 0
     num_processes = _world_size() or 1
-    is_main = _is_main_process()
+    is_main = os.environ.get("RANK", "0") == "0"
     plan = stage_plan(stage.name, args, num_processes, verbose=is_main)
     check_parent_stage(stage, args.parent)
-
-    from .atomic import atomic_open
-    from .launch import BATCHES_FILE
-    from .manifest import MANIFEST_NAME
-    from .paths import runs_dir
-    from .stages import jsonable_result
-
     output = Path(args.output) if args.output else runs_dir() / stage.name / plan.recipe.name
     kwargs, notes = _stage_inputs(stage, args, plan, output, is_main)
     result = stage.train_function()(plan, output, **kwargs)
@@ -238,47 +217,27 @@ def _train(args: argparse.Namespace) -> int:
         f"  result    : {output / stage.result_file}",
     ]
     if getattr(args, "record_batches", False):
-        lines.append(f"  batches   : {output / BATCHES_FILE.format(rank='*')}")
+        lines.append(f"  batches   : {output / launch.BATCHES_FILE.format(rank='*')}")
     lines += [f"  note      : {note}" for note in notes]
     print("\n".join(lines))
     return 0
 
 
-#: What ``eval`` writes in its output folder: the rows, the scores and the settings, as JSON.
-EVAL_RESULT_FILE = "eval_result.json"
-
-
 def _eval(args: argparse.Namespace) -> int:
     """``eval``: the paper's benchmarks on a checkpoint folder, Hub id or kit keyword; rows to ``eval_result.json``.
 
-    ``--limit`` and ``--max-gen-toks`` default to the profile's (smoke: 4 items, 96 new tokens); the
-    data come from the profile's source (fixtures in smoke). The output folder defaults to the
-    checkpoint folder itself, else ``results/eval/<name>``. lm-eval scores a model in memory on one
-    process, so ``eval`` runs on one (vLLM, when installed with a GPU, uses every GPU itself).
+    Limits and data follow the profile; the output folder defaults to the checkpoint folder, else
+    ``results/eval/<name>``. lm-eval scores a model in memory, so ``eval`` runs on one process.
     """
-    import json
-    from pathlib import Path
-
-    from .atomic import atomic_open
-    from .errors import KitError
     from .evaluation import evaluate, paper_model_for
-    from .paths import results_dir
-    from .profiles import auto_profile_name, data_mirror, get_profile
-    from .serialize import jsonable
+    from .profiles import data_mirror
 
     if (args.processes or 1) > 1 or (_world_size() or 1) > 1:
         raise KitError(
             "eval runs on one process (lm-eval scores a model in memory on one device); "
             "drop --processes, or run one eval per checkpoint"
         )
-    for key in ("limit", "max_gen_toks"):
-        value = getattr(args, key)
-        if value is not None and value < 1:
-            raise KitError(f"--{key.replace('_', '-')} must be at least 1, got {value}")
-    try:
-        profile = get_profile(auto_profile_name() if args.profile == "auto" else args.profile)
-    except ValueError as exc:
-        raise KitError(str(exc)) from exc
+    profile = _profile(args, ("limit", "max_gen_toks"))
     folder = Path(args.model).expanduser()
     if args.output:
         output = Path(args.output)
@@ -340,64 +299,34 @@ def _add_training_command(sub, stage) -> None:
         default=stage.default_recipe,
         help=f"{stage.label} recipe name or path (default: {stage.default_recipe})",
     )
-    p.add_argument("--profile", default="auto", help="auto | smoke | single_gpu | paper")
+    p.add_argument("--profile", default="auto", help=PROFILES)
     p.add_argument(
         "--output",
-        default=None,
         help=f"folder for the checkpoint and the run's records (default: runs/{stage.name}/<recipe>)",
     )
-    p.add_argument(
-        "--model", default=None, help="tiny | bundled | a Hub id | a folder (default: the profile's)"
-    )
+    p.add_argument("--model", help="tiny | bundled | a Hub id | a folder (default: the profile's)")
     p.add_argument(
         "--parent",
-        default=None,
         help=f"the checkpoint to start from: a {' or '.join(stage.parents)} run's folder, or a Hub id "
         "(default: --model, else the profile's model)",
     )
-    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: the profile's)")
-    p.add_argument("--max-length", type=int, default=None, help="cap on the tokens of one example")
-    p.add_argument("--max-samples", type=int, default=None, help="at most this many training rows")
-    p.add_argument(
-        "--learning-rate", type=float, default=None, help="instead of the recipe's (changes LR/BS)"
-    )
+    p.add_argument("--max-steps", type=int, help="optimizer steps (default: the profile's)")
+    p.add_argument("--max-length", type=int, help="cap on the tokens of one example")
+    p.add_argument("--max-samples", type=int, help="at most this many training rows")
+    p.add_argument("--learning-rate", type=float, help="instead of the recipe's (changes LR/BS)")
     p.add_argument(
         "--processes",
         type=int,
-        default=None,
         help="processes to train on; above 1 the command starts itself under accelerate launch "
         "(default: 1, or what the launcher started, or the --accelerate-config's)",
     )
     p.add_argument(
         "--accelerate-config",
-        default=None,
         help="an Accelerate config: a name in recipes/accelerate (cpu_2proc, multi_gpu_ddp, "
         "deepspeed_zero3, fsdp, ...) or a path; the command starts itself under accelerate launch with it",
     )
-    if stage.name == "sft":
-        p.add_argument(
-            "--record-batches",
-            action="store_true",
-            help="every process writes the examples of each micro-batch it trained on to batches_rank{R}.json",
-        )
-    if "reference_cache" in stage.inputs:
-        p.add_argument(
-            "--reference-cache",
-            default=None,
-            help="folder of cached reference log-probs (default: ~/.cache/smoltulu/reference_logps); "
-            "'none': TRL's own precompute, no disk cache",
-        )
-    if "reward_model" in stage.inputs:
-        p.add_argument(
-            "--reward-model",
-            default=None,
-            help="the reward model the value model starts from: an RM run's folder or a Hub id "
-            "(default: the recipe's, or the profile's model)",
-        )
-    if "method" in stage.inputs:
-        p.add_argument(
-            "--method", default="ppo", choices=("ppo", "grpo"), help="ppo (SmolTulu's) or grpo (TRL's)"
-        )
+    for name in (*stage.inputs, *stage.flags):
+        p.add_argument(f"--{name.replace('_', '-')}", **OPTIONS[name])
     p.set_defaults(func=_train)
 
 
@@ -407,20 +336,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("reproduce", help="run every notebook in order with papermill")
-    p.add_argument("--profile", default="auto", help="auto | smoke | single_gpu | paper")
+    p.add_argument("--profile", default="auto", help=PROFILES)
     p.add_argument("--only", nargs="*", help="notebook name prefixes to run, e.g. 00 07")
     p.set_defaults(func=_reproduce)
 
     p = sub.add_parser("plan", help="print the resolved plan of recipes on this machine")
     p.add_argument("recipe", nargs="*", help="recipe names or paths (default: a table of all)")
     p.add_argument("--profile", default="auto")
-    p.add_argument("--processes", type=int, default=None, help="number of processes (default: GPUs, else 1)")
+    p.add_argument("--processes", type=int, help="number of processes (default: GPUs, else 1)")
     p.set_defaults(func=_plan)
 
     p = sub.add_parser("mirror", help="write every pinned dataset as local JSONL (needs the Hub)")
     p.add_argument("--out", required=True, help="the mirror folder to write")
     p.add_argument("--datasets", nargs="*", help="kit dataset names (default: all)")
-    p.add_argument("--limit", type=int, default=None, help="rows per split (default: all)")
+    p.add_argument("--limit", type=int, help="rows per split (default: all)")
     p.set_defaults(func=_mirror)
 
     p = sub.add_parser("hardware", help="print what this machine offers and the dtype the kit picks")
@@ -429,8 +358,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("doctor", help="check a tokenizer's chat template for training")
     p.add_argument("--model", default="bundled", help="bundled | tiny | a Hub id | a local folder")
     p.set_defaults(func=_doctor)
-
-    from .stages import STAGES
 
     for stage in STAGES.values():
         _add_training_command(sub, stage)
@@ -442,30 +369,23 @@ def build_parser() -> argparse.ArgumentParser:
         f"rows to {EVAL_RESULT_FILE}.",
     )
     p.add_argument("--model", required=True, help="a checkpoint folder, a Hub id, bundled or tiny")
-    p.add_argument("--profile", default="auto", help="auto | smoke | single_gpu | paper")
-    p.add_argument(
-        "--tasks", nargs="*", default=None, help="benchmarks, e.g. gsm8k ifeval arc (default: all seven)"
-    )
-    p.add_argument("--limit", type=int, default=None, help="items per task (default: the profile's)")
-    p.add_argument(
-        "--max-gen-toks", type=int, default=None, help="cap on generated tokens (default: the profile's)"
-    )
+    p.add_argument("--profile", default="auto", help=PROFILES)
+    p.add_argument("--tasks", nargs="*", help="benchmarks, e.g. gsm8k ifeval arc (default: all seven)")
+    p.add_argument("--limit", type=int, help="items per task (default: the profile's)")
+    p.add_argument("--max-gen-toks", type=int, help="cap on generated tokens (default: the profile's)")
     p.add_argument("--batch-size", default="auto", help="lm-eval batch size (default: auto)")
     p.add_argument(
         "--output",
-        default=None,
         help=f"folder for {EVAL_RESULT_FILE} (default: the checkpoint folder, else results/eval/<model>)",
     )
     p.add_argument("--store", action="store_true", help="also append the rows to the results store")
-    p.add_argument("--processes", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--processes", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=_eval)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m smoltulu_utils``: 0 on success, 2 on bad input (message on stderr)."""
-    from .errors import KitError
-
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # a command that starts itself under a launcher passes the same arguments on

@@ -10,9 +10,10 @@ equal, an ARC answer key that is not one of the labels. There is one small funct
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -219,11 +220,8 @@ class SkippedRow:
 
 
 class SkipReport:
-    """What the data reports of the training stages share: the rows they skipped, counted and listed.
-
-    A stage's report (a dataclass with a ``skipped: list[SkippedRow]`` field) inherits this for the
-    counts, the per-reason tally, the listing under its summary line, and its manifest form.
-    """
+    """The skipped rows of a stage's data report (a dataclass with ``skipped: list[SkippedRow]``): their
+    count, tally by reason, listing under the summary line and manifest form."""
 
     skipped: list[SkippedRow]
 
@@ -248,8 +246,6 @@ class SkipReport:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values for a manifest (skipped rows listed up to ``SHOWN_SKIPS``, counted in full)."""
-        import dataclasses
-
         out = dataclasses.asdict(self)
         out["skipped"] = [dataclasses.asdict(s) for s in self.skipped[:SHOWN_SKIPS]]
         out["n_skipped"] = self.n_skipped
@@ -307,6 +303,33 @@ def _type_problems(value: Any, feature: Any, path: str) -> list[str]:
     return [] if ok else [f"'{path}' is {_type_name(value)}, expected {expected}"]
 
 
+def conversation_problem(messages: Any, *, side: str | None = None) -> str | None:
+    """Why ``messages`` cannot train as a chat, or None: the one reason a stage skips the row for.
+
+    For SFT (no ``side``) the chat must also be non-empty with an assistant turn, every one with text.
+    For one ``side`` of a preference pair ("chosen", "rejected") the reasons name that side, and the
+    pair's own check judges the reply.
+    """
+    bad = f"bad {side}" if side else "bad message"
+    if not isinstance(messages, Sequence) or isinstance(messages, str) or not (messages or side):
+        if side:
+            return f"{bad}: expected a list of messages or a string, got {type(messages).__name__}"
+        return "no conversation: 'messages' is missing, empty or not a list"
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            return f"{bad}: message {i} is {type(message).__name__}, not a dict"
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            return f"{bad}: message {i} has role {role!r} (expected one of {', '.join(ROLES)})"
+        if not isinstance(content, str):
+            return f"{bad}: message {i} content is {type(content).__name__}, not str"
+        if not side and role == "assistant" and not content.strip():
+            return f"empty assistant reply: message {i} has no text"
+    if not side and not any(m["role"] == "assistant" for m in messages):
+        return "no assistant turn: nothing to train"
+    return None
+
+
 def _message_problems(row: Mapping, field: str) -> list[str]:
     messages = row.get(field)
     if not isinstance(messages, list):
@@ -351,8 +374,9 @@ def _check_preference(row: Mapping) -> list[str]:
     for side in ("chosen", "rejected"):
         problems = _message_problems(row, side)
         out += problems
-        if not problems and _roles(row, side)[-1] != "assistant":
-            out.append(f"'{side}' does not end with an assistant turn (last role: {_roles(row, side)[-1]!r})")
+        last = None if problems else _roles(row, side)[-1]
+        if last not in (None, "assistant"):
+            out.append(f"'{side}' does not end with an assistant turn (last role: {last!r})")
     if out:
         return out
     chosen, rejected = row["chosen"], row["rejected"]
@@ -371,9 +395,13 @@ def _check_ultrafeedback(row: Mapping) -> list[str]:
     return out
 
 
+def _empty(row: Mapping, *keys: str) -> list[str]:
+    """``empty <key>`` for each string field of ``keys`` that holds only whitespace."""
+    return [f"empty {k}" for k in keys if isinstance(row.get(k), str) and not row[k].strip()]
+
+
 def _check_rewardbench(row: Mapping) -> list[str]:
-    out = [f"empty {k}" for k in ("prompt", "chosen", "rejected", "subset")
-           if isinstance(row.get(k), str) and not row[k].strip()]  # fmt: skip
+    out = _empty(row, "prompt", "chosen", "rejected", "subset")
     if isinstance(row.get("chosen"), str) and row.get("chosen") == row.get("rejected"):
         out.append("chosen and rejected responses are identical")
     return out
@@ -436,12 +464,8 @@ def _check_arc(row: Mapping) -> list[str]:
     return out
 
 
-def _check_bbh(row: Mapping) -> list[str]:
-    return [f"empty {k}" for k in ("input", "target") if isinstance(row.get(k), str) and not row[k].strip()]
-
-
 def _check_gsm8k(row: Mapping) -> list[str]:
-    out = [] if not isinstance(row.get("question"), str) or row["question"].strip() else ["empty question"]
+    out = _empty(row, "question")
     answer = row.get("answer")
     if isinstance(answer, str) and not re.search(r"#### -?[0-9.,]+\s*$", answer):
         out.append("answer does not end with a '#### <number>' line")
@@ -502,12 +526,6 @@ def _check_mmlu_pro(row: Mapping) -> list[str]:
     return out
 
 
-def _check_piqa(row: Mapping) -> list[str]:
-    return [
-        f"empty {k}" for k in ("goal", "sol1", "sol2") if isinstance(row.get(k), str) and not row[k].strip()
-    ]
-
-
 CHECKS: dict[str, Callable[[Mapping], list[str]]] = {
     "sft": _check_sft,
     "preference": _check_preference,
@@ -515,12 +533,12 @@ CHECKS: dict[str, Callable[[Mapping], list[str]]] = {
     "ultrafeedback": _check_ultrafeedback,
     "rewardbench": _check_rewardbench,
     "arc": _check_arc,
-    "bbh": _check_bbh,
+    "bbh": lambda row: _empty(row, "input", "target"),
     "gsm8k": _check_gsm8k,
     "hellaswag": _check_hellaswag,
     "ifeval": _check_ifeval,
     "mmlu_pro": _check_mmlu_pro,
-    "piqa": _check_piqa,
+    "piqa": lambda row: _empty(row, "goal", "sol1", "sol2"),
 }
 
 

@@ -1,17 +1,11 @@
 """The plain LM head behind TRL's fused-head interface, for training on a CPU.
 
-TRL's trainers (SFT, DPO) call ``model(..., labels=..., fused_lm_head=True)`` and read per-token
-log-probabilities (and entropy, top-1 hits, mean logits) from a kernel that projects the hidden states
-through the LM head in tiles, so the ``(tokens x vocabulary)`` logits never exist at once. On a GPU
-that saves gigabytes. On a CPU the tiles run several times slower than one matmul and one
-log-softmax (measured in the SFT profile: about 5 s of a 20 s step of the 135M model on 2 000 tokens,
-against well under 1 s for the plain head), and the logits of a CPU-sized batch fit in memory. No
-library offers the switch, so this module is written by hand: :func:`use_plain_lm_head` gives a model
-a forward that answers ``fused_lm_head=True`` from the full logits, with the same fields and the
-same values as TRL's kernel (checked in ``tests/test_lm_head.py``), and leaves every other call
-(generation, evaluation) to the forward TRL installed. Like TRL's kernel on a GPU, it projects only the
-positions that carry a label (the prompt tokens of an SFT batch and the prompts and padding of a DPO
-batch need no logits), which also takes part of the LM head's FLOPs off every step.
+TRL's SFT and DPO trainers call ``model(..., labels=..., fused_lm_head=True)`` and read per-token
+log-probs from a kernel that projects through the LM head in tiles. That saves GPU memory but runs
+several times slower on a CPU than one matmul and one log-softmax (about 5 s of a 20 s step of the 135M
+model). No library offers the switch, so :func:`use_plain_lm_head` is written by hand: it answers
+``fused_lm_head=True`` from plain logits of the labelled positions only, with the same fields and values
+as TRL's kernel (``tests/test_lm_head.py``), and leaves every other call to TRL's forward.
 """
 
 from __future__ import annotations
@@ -22,7 +16,7 @@ from typing import Any
 import torch
 from trl.trainer.utils import FusedCausalLMOutput
 
-IGNORE_INDEX = -100
+from .chat_template import IGNORE_INDEX
 
 
 def plain_head_outputs(
@@ -90,11 +84,8 @@ def use_plain_lm_head(model: Any) -> bool:
 
 
 def _plain_projection(model: Any) -> bool:
-    """Whether the logits are the LM head applied to the backbone's last hidden state, and nothing more.
-
-    True for Llama-style models (SmolLM2); a model that scales or soft-caps its logits keeps the full
-    forward, which applies those steps itself.
-    """
+    """Whether the logits are the LM head on the backbone's last hidden state and nothing more (not for a
+    model that scales or soft-caps them, which keeps its full forward)."""
     config = model.config.get_text_config()
     keys = (
         "final_logit_softcapping",

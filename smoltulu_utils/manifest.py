@@ -1,9 +1,8 @@
 """``manifest.json`` beside every checkpoint, and the check a stage runs on its parent.
 
-A manifest records what made a checkpoint: the kit version, the stage, the recipe, the data (ids,
-revisions, splits, row counts), the tokenizer and chat-template hashes, library versions, the seed and the
-parent checkpoint. A later stage calls :func:`check_parent` and refuses a parent whose tokenizer or
-template differs from its own, since training on top of it would silently use other token ids or turns.
+A manifest records what made a checkpoint: kit version, stage, recipe, data, tokenizer and template
+hashes, library versions, seed and parent. :func:`check_parent` refuses a parent trained with another
+tokenizer or template, which would silently train other token ids or turns.
 """
 
 from __future__ import annotations
@@ -115,11 +114,9 @@ def write_manifest(
 ) -> dict[str, Any]:
     """Write ``checkpoint_dir/manifest.json`` (atomically) and return what was written.
 
-    ``recipe``: a recipe dataclass (its ``to_dict()`` or ``dataclasses.asdict``) or a mapping. ``data``:
-    dicts with ``id``, ``revision``, ``split``, ``n_rows``. ``tokenizer``: the tokenizer the stage trained
-    with (its :func:`template_fingerprint` is stored) or a fingerprint dict. ``parent``: the checkpoint
-    folder the stage started from (its manifest's hashes are copied; it must have a manifest), or a Hub
-    id / ``"bundled"`` / ``"tiny"`` for a first stage. ``extra``: anything else worth keeping (metrics).
+    ``recipe``: a dataclass or a mapping. ``data``: dicts with ``id``, ``revision``, ``split``, ``n_rows``.
+    ``tokenizer``: the stage's tokenizer or its fingerprint. ``parent``: the checkpoint folder the stage
+    started from (its hashes are copied), or a Hub id / ``"bundled"`` / ``"tiny"``. ``extra``: metrics.
     """
     from . import __version__
 
@@ -143,10 +140,8 @@ def write_manifest(
 
 
 def read_manifest(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
-    """The manifest of a checkpoint folder (or the path of a manifest.json itself).
-
-    Raises :class:`ManifestError` naming the path when it is missing, not JSON, or lacks required keys.
-    """
+    """The manifest of a checkpoint folder (or of a manifest.json path); ManifestError naming the path
+    when it is missing, not JSON, or lacks required keys."""
     path = Path(checkpoint_dir).expanduser()
     if path.is_dir() or path.name != MANIFEST_NAME:
         path = path / MANIFEST_NAME
@@ -169,11 +164,8 @@ def read_manifest(checkpoint_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def check_parent(parent_dir: str | os.PathLike, tokenizer: Any) -> dict[str, Any]:
-    """Return the parent checkpoint's manifest if it was trained with this tokenizer and chat template.
-
-    Raises :class:`ManifestError`, naming both hashes and the fix, when the tokenizer hash or the chat
-    template hash differs (or when the parent has no manifest).
-    """
+    """The parent checkpoint's manifest if it was trained with this tokenizer and chat template, else
+    :class:`ManifestError` naming both hashes and the fix."""
     manifest = read_manifest(parent_dir)
     ours = _fingerprint(tokenizer)
     theirs = manifest.get("tokenizer") or {}

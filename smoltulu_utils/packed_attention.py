@@ -1,14 +1,9 @@
 """Attention for padding-free rows that costs what the examples cost, not what the whole row costs.
 
-A padding-free batch lays its examples end to end in one row, with ``position_ids`` restarting at 0 for
-each (see :mod:`smoltulu_utils.sft`). transformers keeps the examples apart with a block-diagonal mask
-over the whole row, so sdpa still computes every pair of positions in the row: ``(sum n_i)^2`` scores
-where ``sum n_i^2`` are needed; with eight examples that is several times the attention work, and the
-mask forces sdpa's slowest kernel. FlashAttention's variable-length kernels avoid it on a GPU; nothing
-in torch or transformers does on a CPU, so this module is written by hand: it registers one more
-attention implementation, ``"sdpa_packed"``, that cuts the row at the position resets and runs causal
-sdpa on each example, and falls back to transformers' own sdpa for anything else (padded batches,
-generation with a cache). The result equals the block-diagonal sdpa (``tests/test_packed_attention.py``).
+In a padding-free row (examples end to end, ``position_ids`` restarting at 0) transformers' block-diagonal
+mask still makes sdpa score every pair of positions in the row, with its slowest kernel. Nothing in torch
+or transformers runs variable-length attention on a CPU, so this module registers ``"sdpa_packed"``: causal
+sdpa on each example, transformers' sdpa for anything else; the result equals the block-diagonal sdpa.
 
 ::
 
@@ -99,8 +94,7 @@ def register() -> str:
 def use_packed_attention(model: Any) -> str | None:
     """Switch an sdpa model to ``"sdpa_packed"``; returns the implementation it had (None: unchanged).
 
-    Only sdpa models switch: FlashAttention already runs each example apart, and eager attention is what
-    a user asks for when they want to inspect attention weights.
+    FlashAttention already runs each example apart, and eager is what one asks for to inspect weights.
     """
     config = getattr(model, "config", None)
     before = getattr(config, "_attn_implementation", None)

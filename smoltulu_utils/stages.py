@@ -1,32 +1,20 @@
-"""The table of training stages: what the command line, the sweep runner and the notebooks share.
+"""The table of training stages that the command line, the sweep runner and the notebooks share.
 
-One :class:`Stage` per stage of the SmolTulu chain (SFT -> DPO -> reward model -> RLVR)::
-
-    from smoltulu_utils.stages import STAGES, get_stage
-
-    stage = get_stage("dpo")
-    stage.recipe_class            # DPORecipe (from recipes.STAGES, keyed by the YAML's ``stage:``)
-    stage.train_function()        # smoltulu_utils.dpo.train_dpo, imported on use
-    stage.result_file             # "dpo_result.json": what ``python -m smoltulu_utils dpo`` writes
-    stage.parents                 # ("sft", "dpo"): the checkpoints it may start from
-    stage.inputs                  # keyword inputs of train_dpo beyond plan, output_dir and parent
-
-``python -m smoltulu_utils <stage>`` (:mod:`smoltulu_utils.cli`) builds its options, its plan and its
-summary from this table; :func:`smoltulu_utils.sweep.train_and_evaluate` picks a cell's trainer here.
-Notebooks may call ``train_sft`` / ``train_dpo`` / ``train_rm`` / ``train_rlvr`` directly: every
-function named in the table takes ``(plan, output_dir, *, parent=..., verbose=...)``.
+One :class:`Stage` per stage of the SmolTulu chain (SFT -> DPO -> reward model -> RLVR): its recipe
+class, train function (imported on use), result file, parent stages, command-line inputs and summary
+line. Every train function takes ``(plan, output_dir, *, parent=..., verbose=...)``.
 """
 
 from __future__ import annotations
 
-import difflib
 import importlib
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import KitError
+from .errors import KitError, did_you_mean
 from .recipes import STAGES as RECIPE_CLASSES
 from .recipes import Recipe
 
@@ -35,58 +23,31 @@ class StageError(KitError, ValueError):
     """An unknown stage, or a parent checkpoint a stage cannot start from; the message says the fix."""
 
 
-def _loss(result: Any) -> tuple[float, float]:
-    history = getattr(result, "train_loss", None) or []
-    first = history[0][1] if history else float("nan")
-    final = getattr(result, "final_train_loss", None)
-    return first, final if final is not None else float("nan")
-
-
-def _sft_summary(result: Any) -> str:
-    first, final = _loss(result)
-    return (
-        f"{result.steps} steps, loss per token {first:.4f} -> {final:.4f}, "
-        f"{result.trained_tokens} tokens trained"
-    )
-
-
-def _dpo_summary(result: Any) -> str:
-    first, final = _loss(result)
-    reference = result.reference or {}
-    return (
-        f"{result.steps} steps, DPO loss {first:.4f} -> {final:.4f}, {result.tokens_seen} tokens seen, "
-        f"reference log-probs: {reference.get('found', 'computed')} "
-        f"({reference.get('forward_passes', 0)} forward passes on the main process)"
-    )
-
-
-def _rm_summary(result: Any) -> str:
-    first, final = _loss(result)
-    return (
-        f"{result.steps} steps, Bradley-Terry loss {first:.4f} -> {final:.4f}, "
-        f"{result.trained_tokens} tokens seen"
-    )
-
-
-def _rlvr_summary(result: Any) -> str:
-    logs = result.logs or [{}]
-    first, last = logs[0].get("verifiable_reward"), logs[-1].get("verifiable_reward")
-    reward = f"{first:.2f} -> {last:.2f}" if first is not None and last is not None else "n/a"
-    return (
-        f"{result.iterations} {result.method.upper()} iterations, {logs[-1].get('episodes', 0)} episodes, "
-        f"verifiable reward {reward}"
-    )
+#: The command-line option of each stage input or flag (``argparse`` keywords), by name.
+OPTIONS: dict[str, dict[str, Any]] = {
+    "record_batches": {
+        "action": "store_true",
+        "help": "every process writes the examples of each micro-batch it trained on to batches_rank{R}.json",
+    },
+    "reference_cache": {
+        "help": "folder of cached reference log-probs (default: ~/.cache/smoltulu/reference_logps); "
+        "'none': TRL's own precompute, no disk cache",
+    },
+    "reward_model": {
+        "help": "the reward model the value model starts from: an RM run's folder or a Hub id "
+        "(default: the recipe's, or the profile's model)",
+    },
+    "method": {"default": "ppo", "choices": ("ppo", "grpo"), "help": "ppo (SmolTulu's) or grpo (TRL's)"},
+}
 
 
 @dataclass(frozen=True)
 class Stage:
-    """One training stage: its recipe class, train function, result file, parents and extra inputs.
+    """One training stage. ``train``: ``"module:function"``, imported on use (the table loads without torch).
 
-    ``train`` is ``"module:function"`` inside the package, imported by :meth:`train_function` only when
-    called (so the table loads without torch or TRL, and a test may replace the module). ``parents``:
-    the manifest stages of the checkpoints ``--parent`` may name. ``inputs``: the train function's
-    keyword inputs the command line passes besides ``plan``, ``output_dir`` and ``parent``.
-    ``sweepable``: a learning-rate x batch-size grid may train it (:mod:`smoltulu_utils.sweep`).
+    ``parents``: the manifest stages ``--parent`` may name. ``inputs``: the train function's keywords the
+    command passes besides ``plan``, ``output_dir``, ``parent``; ``flags``: its other options (both in
+    :data:`OPTIONS`). ``summary``: a format string over the result ``r`` and :meth:`describe`'s values.
     """
 
     name: str
@@ -94,10 +55,11 @@ class Stage:
     label: str  # the stage's name in a sentence: "an SFT", "a DPO"
     default_recipe: str
     parents: tuple[str, ...]
+    summary: str
+    description: str
     inputs: tuple[str, ...] = ()
-    sweepable: bool = False
-    summary: Callable[[Any], str] | None = None
-    description: str = ""
+    flags: tuple[str, ...] = ()
+    sweepable: bool = False  # a learning-rate x batch-size grid may train it
 
     @property
     def recipe_class(self) -> type[Recipe]:
@@ -116,7 +78,21 @@ class Stage:
 
     def describe(self, result: Any) -> str:
         """One line of numbers about a finished run of this stage."""
-        return self.summary(result) if self.summary is not None else f"{getattr(result, 'steps', '?')} steps"
+        history = getattr(result, "train_loss", None) or []
+        final = getattr(result, "final_train_loss", None)
+        reference = getattr(result, "reference", None) or {}
+        logs = getattr(result, "logs", None) or [{}]
+        rewards = [logs[0].get("verifiable_reward"), logs[-1].get("verifiable_reward")]
+        return self.summary.format(
+            r=result,
+            first=history[0][1] if history else math.nan,
+            final=math.nan if final is None else final,
+            found=reference.get("found", "computed"),
+            passes=reference.get("forward_passes", 0),
+            method=str(getattr(result, "method", "")).upper(),
+            episodes=logs[-1].get("episodes", 0),
+            reward="n/a" if None in rewards else f"{rewards[0]:.2f} -> {rewards[1]:.2f}",
+        )
 
 
 #: The stages in the order of the chain; the command line has one command per entry.
@@ -129,9 +105,11 @@ STAGES: dict[str, Stage] = {
             label="an SFT",
             default_recipe="sft_1130",
             parents=("sft",),
-            sweepable=True,
-            summary=_sft_summary,
+            summary="{r.steps} steps, loss per token {first:.4f} -> {final:.4f}, "
+            "{r.trained_tokens} tokens trained",
             description="supervised fine-tuning (Table 2)",
+            flags=("record_batches",),
+            sweepable=True,
         ),
         Stage(
             "dpo",
@@ -139,10 +117,11 @@ STAGES: dict[str, Stage] = {
             label="a DPO",
             default_recipe="dpo_1130",
             parents=("sft", "dpo"),
+            summary="{r.steps} steps, DPO loss {first:.4f} -> {final:.4f}, {r.tokens_seen} tokens seen, "
+            "reference log-probs: {found} ({passes} forward passes on the main process)",
+            description="direct preference optimisation (Table 5)",
             inputs=("reference_cache",),
             sweepable=True,
-            summary=_dpo_summary,
-            description="direct preference optimisation (Table 5)",
         ),
         Stage(
             "rm",
@@ -150,9 +129,10 @@ STAGES: dict[str, Stage] = {
             label="a reward-model",
             default_recipe="rm_1130",
             parents=("sft", "dpo", "rm"),
-            sweepable=True,
-            summary=_rm_summary,
+            summary="{r.steps} steps, Bradley-Terry loss {first:.4f} -> {final:.4f}, "
+            "{r.trained_tokens} tokens seen",
             description="the Bradley-Terry reward model (Table 7)",
+            sweepable=True,
         ),
         Stage(
             "rlvr",
@@ -160,9 +140,9 @@ STAGES: dict[str, Stage] = {
             label="an RLVR",
             default_recipe="rlvr_ppo",
             parents=("sft", "dpo", "rlvr"),
-            inputs=("reward_model", "method"),
-            summary=_rlvr_summary,
+            summary="{r.iterations} {method} iterations, {episodes} episodes, verifiable reward {reward}",
             description="RL with verifiable rewards: the kit's PPO (as SmolTulu) or TRL's GRPO",
+            inputs=("reward_model", "method"),
         ),
     )
 }
@@ -171,10 +151,8 @@ STAGES: dict[str, Stage] = {
 def get_stage(name: str) -> Stage:
     """The table's entry for ``name``; an unknown name raises :class:`StageError` naming the stages."""
     if name not in STAGES:
-        hint = difflib.get_close_matches(str(name), list(STAGES), n=1)
         raise StageError(
-            f"unknown stage {name!r}; use one of {', '.join(STAGES)}"
-            + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            f"unknown stage {name!r}; use one of {', '.join(STAGES)}" + did_you_mean(name, STAGES)
         )
     return STAGES[name]
 
@@ -187,9 +165,8 @@ def sweep_stages() -> dict[str, type[Recipe]]:
 def check_parent_stage(stage: str | Stage, parent: str | Path | None) -> str | None:
     """The manifest stage of a ``parent`` checkpoint folder, checked against what ``stage`` accepts.
 
-    Hub ids, kit keywords (``bundled``, ``tiny``) and None pass unchecked (None is returned); a folder
-    without a manifest, or of a stage ``stage`` cannot start from, raises :class:`StageError` (the
-    train functions check tokenizers and templates themselves).
+    Hub ids, ``bundled``, ``tiny`` and None give None; a folder without a manifest, or of a stage that
+    ``stage`` cannot start from, raises :class:`StageError`.
     """
     from .manifest import MANIFEST_NAME, read_manifest
 
@@ -229,15 +206,3 @@ def jsonable_result(result: Any, plan: Any, extra: Mapping[str, Any] | None = No
     from .serialize import jsonable
 
     return jsonable({**result.to_dict(), "plan": plan.to_dict(), **dict(extra or {})})
-
-
-__all__ = [
-    "STAGES",
-    "Stage",
-    "StageError",
-    "check_parent_stage",
-    "get_stage",
-    "jsonable_result",
-    "parent_hint",
-    "sweep_stages",
-]

@@ -1,48 +1,23 @@
-"""Verifiers of the RLVR mixture: plain functions that say whether a response earns the verifiable reward.
+"""Verifiers of the RLVR mixture: whether a response earns the verifiable reward.
 
-``allenai/RLVR-GSM-MATH-IF-Mixed-Constraints`` rows carry a prompt (``messages``), a ``ground_truth``, the
-subset in ``dataset`` and, for instruction-following rows, ``constraint_type`` and ``constraint``. As in
-Tulu 3 (open-instruct's ``ground_truth_utils``), the subset, lower-cased, picks the verifier::
+As in Tulu 3 (open-instruct's ``ground_truth_utils``), the row's ``dataset``, lower-cased, picks the
+verifier::
 
     target = parse_target(row)                 # GroundTruthError when the ground truth cannot be read
     verdict = verify("... so the answer is 14.", target)
     verdict.verified, verdict.extracted        # True, '14'
-    verifiable_reward(verdict)                 # 10.0 (Tulu 3's reward for a verified answer)
+    verifiable_reward(verdict)                 # 10.0
 
-- **gsm8k**: the last number of the response (commas between digits removed, sign kept) equals the ground
-  truth as a number (``"3,380"`` equals ``3380``; ``"18.00"`` equals ``18``).
-- **MATH**: the answer the ``math-verify`` package extracts from the response (``\\boxed{}`` first, then the
-  last LaTeX or plain expression) is mathematically equivalent to the ground truth (``\\frac{3}{4}``,
-  ``x^2-4``, ``100^\\circ``, ``\\text{(C)}``), as math-verify decides.
-- **ifeval**: every instruction of the ground truth passes lm-eval's IFEval checker for it, the checkers
-  lm-eval scores IFEval with (``lm_eval.tasks.ifeval.instructions``), after
-  :func:`smoltulu_utils.nltk_data.ensure_punkt` has made NLTK's sentence splitter work offline. An empty
-  response follows no instruction (lm-eval's strict rule). An argument lm-eval cannot use (the "letter"
-  ``#`` of google/IFEval key 1122) it replaces with a draw from Python's global ``random``; the kit builds
-  each checker under :func:`seeded_random`, seeded from the check, so every run draws the same.
+- **gsm8k**: the response's last number (commas between digits removed) equals the ground truth.
+- **MATH**: ``math-verify`` finds the response's answer equivalent to the ground truth.
+- **ifeval**: every instruction passes lm-eval's IFEval checker for it (NLTK's splitter made offline by
+  :func:`smoltulu_utils.nltk_data.ensure_punkt`); an empty response follows none. Checkers are built
+  under :func:`seeded_random`, so an argument lm-eval fills at random is the same in every run.
 
-IF ground truths are read in every form they come in: the Tulu 3 RLVR mixture's JSON object naming one
-open-instruct ``if_functions`` verifier and its arguments (``{"func_name": "verify_keywords",
-"keyword_list": [...], "N": null, ...}``, null arguments present or left out), the IFEvalG form of newer
-open-instruct data (``[{"instruction_id": [...], "kwargs": [...]}]``), google/IFEval's own
-``instruction_id_list`` + ``kwargs``, and any of these already parsed into a dict or list. ``constraint``
-and ``constraint_type`` (the instruction in words) are kept on the :class:`Target` for display.
-
-Each open-instruct verifier maps onto lm-eval checkers (:data:`IF_FUNCTION_CHECKS`). lm-eval's relations
-are "less than" and "at least", so "exactly N" is two checkers (at least N, less than N+1), "at most N" is
-less than N+1, and "around N" is open-instruct's tolerance band (words and capital words: 10% of N, at
-least 1; sentences: 1). The checkers differ from open-instruct's own functions in small ways that follow
-the IFEval paper's definitions: words and sentences are counted with NLTK, forbidden words match whole
-words, letter counts ignore case, and all-lowercase or all-capital answers must also be detected as
-English; paragraphs asked for with the ``* * *`` divider (the RLVR rows' wording) are checked after
-rewriting it to lm-eval's ``***``. Only ``validate_choice`` has no lm-eval counterpart with free options; it is one line here (any
-option appears in the response), with a tuple or list of options parsed from its string form where
-open-instruct would iterate over the string's characters.
-
-Written by hand, because no library reads these ground-truth formats or routes the RLVR subsets; the
-checking itself is lm-eval's (IFEval) and math-verify's (MATH). A ground truth that cannot be read raises
-:class:`GroundTruthError` (a stage reports the row and skips it); a checker that fails on one response
-gives a :class:`Verdict` with ``error`` set, never an exception in the middle of a run.
+IF ground truths (open-instruct ``if_functions`` calls, IFEvalG lists, google/IFEval rows) become
+lm-eval checks: "exactly N" is two ("at least N", "less than N+1"), "around N" open-instruct's tolerance
+band. Written by hand because no library reads these formats or routes the subsets. An unreadable
+ground truth raises :class:`GroundTruthError`; a checker failing on a response gives ``Verdict.error``.
 """
 
 from __future__ import annotations
@@ -59,31 +34,9 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from .data_checks import IFEVAL_INSTRUCTIONS, RLVR_IF_ARGS, RLVR_IF_FUNCTIONS
+from .data_checks import IFEVAL_INSTRUCTIONS, RLVR_IF_ARGS, RLVR_IF_FUNCTIONS, RLVR_SUBSETS
 from .errors import KitError
 
-__all__ = [
-    "IF_FUNCTION_CHECKS",
-    "KINDS",
-    "MATH_TIMEOUT_S",
-    "VERIFIED_REWARD",
-    "Check",
-    "GroundTruthError",
-    "Target",
-    "Verdict",
-    "last_number",
-    "parse_ground_truth",
-    "parse_target",
-    "seeded_random",
-    "verifiable_reward",
-    "verify",
-    "verify_gsm8k",
-    "verify_ifeval",
-    "verify_math",
-]
-
-#: The subsets of the RLVR mixture, as routing sees them (``dataset`` lower-cased).
-KINDS = ("gsm8k", "math", "ifeval")
 #: Tulu 3's reward for a verified answer (open-instruct ``verification_reward``).
 VERIFIED_REWARD = 10.0
 #: math-verify's time limit for parsing and comparing one answer (seconds; main thread only).
@@ -96,9 +49,6 @@ class GroundTruthError(KitError, ValueError):
     """A row's ground truth (or subset) that no verifier can read; the message says what and how to fix it."""
 
 
-# ======================================================================================================
-# Targets and verdicts
-# ======================================================================================================
 @dataclass(frozen=True)
 class Check:
     """One IFEval instruction to check: an lm-eval instruction id (or ``kit:choice``), its arguments, and
@@ -141,12 +91,8 @@ class Target:
 
 @dataclass(frozen=True)
 class Verdict:
-    """The outcome of verifying one response.
-
-    ``verified``: the response earns the verifiable reward. ``extracted``: the answer read from it (the last
-    number, math-verify's answer) or, for IF rows, the instructions it passed (``"2/3"``). ``detail``: per
-    instruction results for IF rows. ``error``: why a checker failed on this response (then not verified).
-    """
+    """The outcome of verifying one response: ``verified`` (earns the reward), ``extracted`` (the answer
+    read, or for IF rows the instructions passed, ``"2/3"``), ``detail`` (per IF instruction), ``error``."""
 
     verified: bool
     kind: str
@@ -155,16 +101,8 @@ class Verdict:
     error: str | None = None
 
 
-# ======================================================================================================
-# Parsing ground truths
-# ======================================================================================================
 def parse_target(row: Mapping[str, Any]) -> Target:
-    """The :class:`Target` of one RLVR row (its ``dataset``, ``ground_truth``, ``constraint`` fields).
-
-    Raises :class:`GroundTruthError` naming the problem when the subset is unknown or the ground truth
-    cannot be read (an empty answer, a GSM8K answer that is not a number, a MATH answer math-verify cannot
-    parse, an IF ground truth naming an unknown verifier or lacking an argument).
-    """
+    """The :class:`Target` of one RLVR row; GroundTruthError for an unknown subset or unreadable answer."""
     if not isinstance(row, Mapping):
         raise GroundTruthError(f"an RLVR row must be a mapping, got {type(row).__name__}")
     ground_truth = row.get("ground_truth")
@@ -179,7 +117,7 @@ def parse_ground_truth(
     dataset: Any, ground_truth: Any, constraint: Any = None, constraint_type: Any = None
 ) -> Target:
     """The :class:`Target` for a subset name and a ground truth string (cached; see :func:`parse_target`)."""
-    if not isinstance(dataset, str) or dataset.strip().lower() not in KINDS:
+    if not isinstance(dataset, str) or dataset.strip().lower() not in RLVR_SUBSETS:
         raise GroundTruthError(
             f"unknown subset dataset={dataset!r}: the RLVR verifiers are gsm8k, MATH and ifeval. "
             "Fix the row's 'dataset' field or leave the row out."
@@ -198,13 +136,8 @@ def parse_ground_truth(
 def _parse_cached(
     kind: str, ground_truth: str, constraint: str | None, constraint_type: str | None
 ) -> Target:
-    if kind == "gsm8k":
-        value: Any = _gsm8k_number(ground_truth)
-    elif kind == "math":
-        value = _math_gold(ground_truth)
-    else:
-        value = _if_checks(ground_truth)
-    return Target(kind, ground_truth, value, constraint, constraint_type)
+    parse = {"gsm8k": _gsm8k_number, "math": _math_gold, "ifeval": _if_checks}[kind]
+    return Target(kind, ground_truth, parse(ground_truth), constraint, constraint_type)
 
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
@@ -281,16 +214,13 @@ def _if_checks(ground_truth: str) -> tuple[Check, ...]:
         )
     for check in checks:  # fail now, on the row, rather than on every response later
         if check.instruction_id != CHOICE_ID:
-            _build_checker(check)
+            _checker(check)
     return tuple(checks)
 
 
-def _frozen(value: Any) -> Any:
-    return tuple(value) if isinstance(value, list) else value
-
-
 def _check(instruction_id: str, rewrite: tuple[tuple[str, str], ...] = (), **kwargs: Any) -> Check:
-    return Check(instruction_id, tuple((k, _frozen(v)) for k, v in kwargs.items()), rewrite)
+    frozen = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items())  # hashable
+    return Check(instruction_id, frozen, rewrite)
 
 
 #: The RLVR rows ask for paragraphs separated by ``* * *`` (open-instruct's checker splits on it); lm-eval's
@@ -385,10 +315,6 @@ def _open_instruct_checks(spec: Mapping[str, Any]) -> list[Check]:
                 "keywords:letter_frequency", letter=letter, let_frequency=N() + 1, let_relation="less than"
             ),
         ]
-    if func == "validate_response_language":
-        return [_check("language:response_language", language=str(args["language"]))]
-    if func == "verify_paragraph_count":
-        return [_check("length_constraints:number_paragraphs", SPACED_DIVIDER, num_paragraphs=N())]
     if func == "validate_word_constraint":
         n = N()
         return _counted("length_constraints:number_words", "num_words", "relation", n, q, func,
@@ -406,39 +332,42 @@ def _open_instruct_checks(spec: Mapping[str, Any]) -> list[Check]:
                 first_word=first,
             )  # fmt: skip
         ]
-    if func == "verify_postscript":
-        return [_check("detectable_content:postscript", postscript_marker=str(args["postscript_marker"]))]
-    if func == "validate_placeholders":
-        return [_check("detectable_content:number_placeholders", num_placeholders=N())]
-    if func == "verify_bullet_points":
-        return [_check("detectable_format:number_bullet_lists", num_bullets=N())]
     if func == "validate_choice":
         return [_check(CHOICE_ID, options=_options(args["options"], func))]
-    if func == "validate_highlighted_sections":
-        return [_check("detectable_format:number_highlighted_sections", num_highlights=N())]
-    if func == "validate_sections":
-        splitter = str(args["section_splitter"])
-        return [_check("detectable_format:multiple_sections", section_spliter=splitter, num_sections=N())]
-    if func == "validate_repeat_prompt":
-        return [_check("combination:repeat_prompt", prompt_to_repeat=str(args["original_prompt"]))]
     if func == "validate_frequency_capital_words":
         n = N()
         return _counted("change_case:capital_word_frequency", "capital_frequency", "capital_relation", n, q,
                         func, tolerance=max(round(n * 0.1), 1))  # fmt: skip
-    if func == "validate_end":
-        return [_check("startend:end_checker", end_phrase=str(args["end_phrase"]))]
-    return [_check(IF_FUNCTION_CHECKS[func])]  # the verifiers without arguments
+    instruction, names = ONE_CHECK[func]
+    kwargs = {key: N() if name == "N" else str(args[name]) for key, name in names.items()}
+    return [_check(instruction, SPACED_DIVIDER if func == "verify_paragraph_count" else (), **kwargs)]
 
 
-#: open-instruct verifiers without arguments and the lm-eval instruction that checks the same thing.
-IF_FUNCTION_CHECKS: dict[str, str] = {
-    "validate_title": "detectable_format:title",
-    "validate_json_format": "detectable_format:json_format",
-    "validate_two_responses": "combination:two_responses",
-    "validate_uppercase": "change_case:english_capital",
-    "validate_lowercase": "change_case:english_lowercase",
-    "validate_quotation": "startend:quotation",
-    "validate_no_commas": "punctuation:no_comma",
+#: open-instruct verifiers that are one lm-eval check: the instruction and each of its arguments with the
+#: open-instruct argument that gives it ("N" as a whole number, the others as text).
+ONE_CHECK: dict[str, tuple[str, dict[str, str]]] = {
+    "validate_response_language": ("language:response_language", {"language": "language"}),
+    "verify_paragraph_count": ("length_constraints:number_paragraphs", {"num_paragraphs": "N"}),
+    "verify_postscript": ("detectable_content:postscript", {"postscript_marker": "postscript_marker"}),
+    "validate_placeholders": ("detectable_content:number_placeholders", {"num_placeholders": "N"}),
+    "verify_bullet_points": ("detectable_format:number_bullet_lists", {"num_bullets": "N"}),
+    "validate_highlighted_sections": (
+        "detectable_format:number_highlighted_sections",
+        {"num_highlights": "N"},
+    ),
+    "validate_sections": (
+        "detectable_format:multiple_sections",
+        {"section_spliter": "section_splitter", "num_sections": "N"},
+    ),
+    "validate_repeat_prompt": ("combination:repeat_prompt", {"prompt_to_repeat": "original_prompt"}),
+    "validate_end": ("startend:end_checker", {"end_phrase": "end_phrase"}),
+    "validate_title": ("detectable_format:title", {}),
+    "validate_json_format": ("detectable_format:json_format", {}),
+    "validate_two_responses": ("combination:two_responses", {}),
+    "validate_uppercase": ("change_case:english_capital", {}),
+    "validate_lowercase": ("change_case:english_lowercase", {}),
+    "validate_quotation": ("startend:quotation", {}),
+    "validate_no_commas": ("punctuation:no_comma", {}),
 }
 
 
@@ -493,10 +422,8 @@ _RANDOM_LOCK = threading.RLock()
 def seeded_random(seed: int | str) -> Iterator[None]:
     """Python's global ``random`` seeded with ``seed`` inside the block, and its state restored after.
 
-    lm-eval's IFEval instructions fill an argument they cannot use (a missing one, or the letter ``#``
-    of google/IFEval key 1122, ``!`` of key 1129) with a draw from the global ``random``; built inside
-    this block they draw the same in every run. A str seed is as stable as an int (not salted by
-    ``PYTHONHASHSEED``).
+    lm-eval's IFEval instructions replace an argument they cannot use (the letter ``#`` of google/IFEval
+    key 1122) with a global ``random`` draw; built in this block they draw the same in every run.
     """
     with _RANDOM_LOCK:
         state = random.getstate()
@@ -507,11 +434,9 @@ def seeded_random(seed: int | str) -> Iterator[None]:
             random.setstate(state)
 
 
-def _build_checker(check: Check) -> Any:
-    """An lm-eval instruction object with the check's arguments (GroundTruthError when it refuses them).
-
-    Built under :func:`seeded_random` seeded from the check, so a draw lm-eval makes is the same every run.
-    """
+@functools.lru_cache(maxsize=65536)
+def _checker(check: Check) -> Any:
+    """An lm-eval instruction object with the check's arguments (GroundTruthError when it refuses them)."""
     registry = _ifeval_registry()
     if check.instruction_id not in registry:
         raise GroundTruthError(f"ifeval instruction {check.instruction_id!r} is not in lm-eval's IFEval")
@@ -524,14 +449,6 @@ def _build_checker(check: Check) -> Any:
     return checker
 
 
-@functools.lru_cache(maxsize=65536)
-def _checker(check: Check) -> Any:
-    return _build_checker(check)
-
-
-# ======================================================================================================
-# Verifying responses
-# ======================================================================================================
 def last_number(text: str) -> str | None:
     """The last number in ``text`` after removing commas between digits (``"1,104"`` -> ``"1104"``), or None."""
     numbers = _NUMBER.findall(_DIGIT_COMMA.sub(r"\1", text))
@@ -584,8 +501,7 @@ _VERIFIERS = {"gsm8k": _verify_gsm8k, "math": _verify_math, "ifeval": _verify_if
 def verify(response: str, target: Target | Mapping[str, Any]) -> Verdict:
     """Verify ``response`` against a :class:`Target` or an RLVR row (parsed with :func:`parse_target`).
 
-    A row whose ground truth cannot be read raises :class:`GroundTruthError`; a checker that fails on this
-    response returns a Verdict with ``verified=False`` and the failure in ``error``.
+    A checker that fails on this response gives an unverified Verdict with the failure in ``error``.
     """
     if not isinstance(target, Target):
         target = parse_target(target)

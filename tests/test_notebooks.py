@@ -164,3 +164,15 @@ def test_tables_notebook_puts_kit_results_beside_the_paper(tmp_path, monkeypatch
     assert table9.loc["GSM8K (5-shot)", "SmolTulu DPO-1130 (kit)"] == "50.0"
     assert table9.loc["GSM8K (5-shot)", "SmolTulu DPO-1130 Δ"] == "-1.6"
     assert run.output.exists()
+
+
+@pytest.mark.slow
+def test_tables_notebook_redraws_every_stages_training_curves_from_the_store(smoke_runs):
+    """Notebooks 02-05 store their curves; 07 reads them back from the results file alone."""
+    from smoltulu_utils.results import ResultsStore, curves_frame
+
+    curves = curves_frame(ResultsStore().read())
+    assert {"sft", "dpo", "rm", "rlvr"} <= set(curves["stage"])
+    assert set(curves.loc[curves["stage"] == "rlvr", "curve"]) >= {"verifiable_reward"}
+    figures = Path(os.environ["SMOLTULU_FIGURES_DIR"])
+    assert (figures / "training_curves_kit.png").stat().st_size > 1000
