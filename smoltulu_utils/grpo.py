@@ -22,6 +22,7 @@ import torch
 from .lm_head import use_plain_lm_head
 from .ppo import BatchSizes, restrict_vocabulary, sample_and_verify, sample_row
 from .rlvr_data import RLVRError
+from .training import trainer_settings
 from .verifiers import parse_ground_truth, verify
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -214,8 +215,6 @@ def run_grpo(
     from transformers.trainer_callback import PrinterCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from .scale_out import device_settings
-
     recipe = plan.recipe
     batch_arguments = grpo_batch_arguments(sizes, settings)
     rows = [
@@ -232,36 +231,28 @@ def run_grpo(
     scratch = Path(tempfile.mkdtemp(prefix="rlvr_grpo_"))
     if recipe.kl_beta > 0:
         _reference_folder(model, scratch / "reference")
+    # The Trainer settings every stage shares (schedule, seed, precision, device, logs), then GRPO's own.
+    common = trainer_settings(plan, output_dir or scratch / "out", max_grad_norm=settings.max_grad_norm)
     config = GRPOConfig(
-        output_dir=str(output_dir or scratch / "out"),
-        **batch_arguments,
-        num_generations=settings.num_generations,
-        max_completion_length=recipe.response_length,
-        temperature=recipe.temperature,
-        top_k=0,
-        top_p=1.0,
-        beta=recipe.kl_beta,
-        epsilon=settings.cliprange,
-        loss_type=settings.loss_type,
-        scale_rewards=settings.scale_rewards,
-        learning_rate=plan.learning_rate,
-        lr_scheduler_type=recipe.lr_scheduler,
-        warmup_steps=recipe.warmup_ratio,
-        weight_decay=recipe.weight_decay,
-        max_grad_norm=settings.max_grad_norm,
-        # TRL counts optimizer steps, the kit rollout batches
-        max_steps=iterations * settings.num_iterations * sizes.minibatches,
-        seed=recipe.seed,
-        bf16=plan.dtype == "bf16",
-        fp16=plan.dtype == "fp16",
-        **device_settings(),  # keeps an FSDP/DeepSpeed launch on a CPU sharded, as the other stages
-        **({"gradient_checkpointing": True} if plan.gradient_checkpointing else {}),
-        use_vllm=generator == "vllm",
-        vllm_mode="colocate",
-        report_to=plan.report_to,
-        logging_steps=1,
-        save_strategy="no",
-        disable_tqdm=True,
+        **{
+            **common,
+            **batch_arguments,
+            "per_device_eval_batch_size": batch_arguments["per_device_train_batch_size"],
+            "num_generations": settings.num_generations,
+            "max_completion_length": recipe.response_length,
+            "temperature": recipe.temperature,
+            "top_k": 0,
+            "top_p": 1.0,
+            "beta": recipe.kl_beta,
+            "epsilon": settings.cliprange,
+            "loss_type": settings.loss_type,
+            "scale_rewards": settings.scale_rewards,
+            # TRL counts optimizer steps, the kit rollout batches
+            "max_steps": iterations * settings.num_iterations * sizes.minibatches,
+            "use_vllm": generator == "vllm",
+            "vllm_mode": "colocate",
+            "disable_tqdm": True,
+        }
     )
     logs: list[dict] = []
     trainer = GRPOTrainer(
